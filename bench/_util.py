@@ -1,0 +1,306 @@
+"""Shared helpers for the loopback benchmarks in ``bench/``.
+
+Everything here talks to 127.0.0.1 only and every load run is bounded in time.
+
+Public API:
+
+* :func:`free_port` -- an unused TCP port on 127.0.0.1.
+* :func:`wait_port` -- block until something accepts on 127.0.0.1:port.
+* :func:`start_nginx` -- a throw-away nginx (``static`` answers ``{"ok":true}``,
+  ``proxy`` forwards to 127.0.0.1:upstream_port over keep-alive).
+* :func:`stop_process` -- terminate a child, then kill it after a grace period.
+* :func:`run_wrk` -- closed-loop load with ``wrk`` (GET or a body method), or a
+  fixed-rate open-loop run when ``rate`` is given (see below).
+* :func:`rss_mb` -- resident set size of a process, from /proc/PID/status.
+
+Fixed rate: ``wrk2`` is not packaged in Debian, so ``run_wrk(..., rate=N)`` runs the
+open-loop generator of this module (asyncio + aiohttp, uvloop when present) in a
+subprocess (``python -m bench._util openloop ...``). It schedules request *i* at
+``t0 + i / rate`` and measures latency from that scheduled instant, so queueing
+behind a slow server is counted (no coordinated omission). ``connections`` caps the
+concurrent requests; its result carries ``"generator": "python-openloop"``. A
+single Python process tops out at a few thousand requests/s: check ``achieved_rps``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+_UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+
+
+def free_port() -> int:
+    """Return a TCP port that is free on 127.0.0.1 right now (racy but fine here)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    """Block until 127.0.0.1:``port`` accepts a connection (TimeoutError after ``timeout`` s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listening on 127.0.0.1:{port}") from None
+            time.sleep(0.05)
+
+
+def stop_process(proc: subprocess.Popen[Any], grace_s: float = 5.0) -> None:
+    """SIGTERM ``proc``; SIGKILL it if it has not exited after ``grace_s`` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=grace_s)
+
+
+def start_nginx(
+    port: int,
+    mode: Literal["static", "proxy"],
+    upstream_port: int | None,
+    workdir: Path,
+) -> subprocess.Popen[bytes]:
+    """Write ``workdir/nginx.conf`` and start nginx in the foreground (1 worker).
+
+    ``static`` answers ``200 {"ok":true}`` on every path and method (a POST body is
+    read and discarded). ``proxy`` forwards to ``127.0.0.1:upstream_port`` over
+    HTTP/1.1 keep-alive (``upstream`` block with ``keepalive 64``). The caller stops
+    the returned process (see :func:`stop_process`) and should :func:`wait_port` first.
+    """
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    if mode == "static":
+        upstream_block = ""
+        location = "default_type application/json;\n            return 200 '{\"ok\":true}';"
+    elif mode == "proxy":
+        if upstream_port is None:
+            raise ValueError("proxy mode needs upstream_port")
+        upstream_block = (
+            "upstream up {\n"
+            f"        server 127.0.0.1:{upstream_port};\n"
+            "        keepalive 64;\n        keepalive_requests 1000000;\n    }"
+        )
+        location = (
+            "proxy_pass http://up;\n            proxy_http_version 1.1;\n"
+            '            proxy_set_header Connection "";'
+        )
+    else:
+        raise ValueError(f"unknown nginx mode {mode!r}")
+    temp_dirs = "\n".join(
+        f"    {kind}_temp_path {workdir / kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    conf = f"""{user}daemon off;
+worker_processes 1;
+pid {workdir / "nginx.pid"};
+error_log {workdir / "error.log"} warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_timeout 65;
+    keepalive_requests 1000000;
+{temp_dirs}
+    {upstream_block}
+    server {{
+        listen 127.0.0.1:{port} reuseport backlog=4096;
+        location / {{
+            {location}
+        }}
+    }}
+}}
+"""
+    conf_path = workdir / "nginx.conf"
+    conf_path.write_text(conf)
+    cmd = [nginx, "-p", str(workdir), "-e", str(workdir / "error.log"), "-c", str(conf_path)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _to_ms(text: str) -> float:
+    """Convert a wrk duration such as ``812.00us`` or ``1.20ms`` to milliseconds."""
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text.strip())
+    if not match:
+        raise ValueError(f"bad wrk duration {text!r}")
+    return float(match.group(1)) * _UNITS_MS[match.group(2)]
+
+
+def parse_wrk(output: str) -> dict[str, Any]:
+    """Parse ``wrk --latency`` output into rps, p50/p75/p90/p99 (ms) and error counts."""
+    result: dict[str, Any] = {"generator": "wrk", "errors": 0, "non_2xx": 0}
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    if not rps:
+        raise ValueError(f"no Requests/sec in wrk output:\n{output}")
+    result["rps"] = float(rps.group(1))
+    total = re.search(r"(\d+) requests in", output)
+    result["requests"] = int(total.group(1)) if total else None
+    for pct, value in re.findall(r"^\s+(50|75|90|99)%\s+(\S+)", output, re.MULTILINE):
+        result[f"p{pct}_ms"] = _to_ms(value)
+    sock = re.search(r"connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    if sock:
+        result["errors"] = sum(int(g) for g in sock.groups())
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    if non2xx:
+        result["non_2xx"] = int(non2xx.group(1))
+    return result
+
+
+def run_wrk(
+    url: str,
+    connections: int = 32,
+    threads: int = 2,
+    duration_s: int = 10,
+    method: str = "GET",
+    body: bytes | None = None,
+    rate: int | None = None,
+) -> dict[str, Any]:
+    """Load ``url`` for ``duration_s`` seconds and return rps and latency percentiles (ms).
+
+    Without ``rate`` this is closed-loop ``wrk --latency`` (``threads`` threads,
+    ``connections`` connections); a ``body`` is sent with ``Content-Type:
+    application/json`` through a generated Lua script. With ``rate`` (requests/s)
+    it is the Python open-loop generator described in the module docstring.
+    Keys: ``rps``, ``p50_ms``, ``p99_ms`` (also ``p75_ms``/``p90_ms`` for wrk),
+    ``errors``, ``non_2xx``, ``generator``.
+    """
+    with tempfile.TemporaryDirectory(prefix="bench-wrk-") as tmp:
+        body_path = Path(tmp) / "body.bin"
+        body_path.write_bytes(body or b"")
+        if rate is not None:
+            cmd = [sys.executable, "-m", "bench._util", "openloop", url, "--rate", str(rate)]
+            cmd += ["--duration", str(duration_s), "--connections", str(connections)]
+            cmd += ["--method", method, "--body-file", str(body_path)]
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=duration_s + 60, check=True
+            )
+            return dict(json.loads(proc.stdout))
+        cmd = ["wrk", f"-c{connections}", f"-t{threads}", f"-d{duration_s}s", "--latency"]
+        if method != "GET" or body is not None:
+            script = Path(tmp) / "req.lua"
+            script.write_text(
+                f'wrk.method = "{method}"\n'
+                f'local f = assert(io.open("{body_path}", "rb"))\n'
+                "wrk.body = f:read('*a')\nf:close()\n"
+                'wrk.headers["Content-Type"] = "application/json"\n'
+            )
+            cmd += ["-s", str(script)]
+        proc = subprocess.run(
+            [*cmd, url], capture_output=True, text=True, timeout=duration_s + 30, check=True
+        )
+        return parse_wrk(proc.stdout)
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size (VmRSS) of ``pid`` in MiB, read from /proc/PID/status."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    raise ValueError(f"no VmRSS for pid {pid}")
+
+
+def _percentile(sorted_ms: list[float], pct: float) -> float | None:
+    """Nearest-rank percentile of an ascending list (None when empty)."""
+    if not sorted_ms:
+        return None
+    rank = max(0, min(len(sorted_ms) - 1, round(pct / 100.0 * len(sorted_ms)) - 1))
+    return sorted_ms[rank]
+
+
+async def _openloop(
+    url: str, rate: int, duration_s: float, connections: int, method: str, body: bytes | None
+) -> dict[str, Any]:
+    """Fixed-rate open-loop load; latency counts from each request's scheduled start."""
+    import aiohttp
+
+    latencies: list[float] = []
+    counts = {"errors": 0, "non_2xx": 0}
+    headers = {"Content-Type": "application/json"} if body else {}
+    connector = aiohttp.TCPConnector(limit=connections, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def one(scheduled: float) -> None:
+            try:
+                async with session.request(method, url, data=body, headers=headers) as resp:
+                    await resp.read()
+                    if not 200 <= resp.status < 400:
+                        counts["non_2xx"] += 1
+                latencies.append((time.perf_counter() - scheduled) * 1000.0)
+            except (aiohttp.ClientError, TimeoutError):
+                counts["errors"] += 1
+
+        tasks: set[asyncio.Task[None]] = set()
+        start = time.perf_counter()
+        total = int(rate * duration_s)
+        for i in range(total):
+            scheduled = start + i / rate
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(one(scheduled))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            _, pending = await asyncio.wait(set(tasks), timeout=30)
+            for task in pending:
+                task.cancel()
+            counts["errors"] += len(pending)
+        elapsed = time.perf_counter() - start
+    latencies.sort()
+    return {
+        "generator": "python-openloop",
+        "target_rps": rate,
+        "rps": len(latencies) / elapsed,
+        "achieved_rps": len(latencies) / elapsed,
+        "requests": len(latencies),
+        "p50_ms": _percentile(latencies, 50),
+        "p99_ms": _percentile(latencies, 99),
+        **counts,
+    }
+
+
+def _main() -> None:
+    """CLI entry used by :func:`run_wrk` for fixed-rate runs (prints JSON)."""
+    parser = argparse.ArgumentParser(prog="python -m bench._util")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    ol = sub.add_parser("openloop", help="fixed-rate open-loop load, JSON on stdout")
+    ol.add_argument("url")
+    ol.add_argument("--rate", type=int, required=True)
+    ol.add_argument("--duration", type=float, default=10.0)
+    ol.add_argument("--connections", type=int, default=32)
+    ol.add_argument("--method", default="GET")
+    ol.add_argument("--body-file", type=Path)
+    args = parser.parse_args()
+    body = args.body_file.read_bytes() if args.body_file else b""
+    coro = _openloop(
+        args.url, args.rate, args.duration, args.connections, args.method, body or None
+    )
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a gateway dependency
+        res = asyncio.run(coro)
+    else:
+        res = uvloop.run(coro)
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    _main()

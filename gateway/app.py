@@ -1,0 +1,338 @@
+"""The proxy ASGI app: request id, route, stages, upstream, response stages; swappable pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from multidict import CIMultiDict
+
+from gateway.asgi import Message, Receive, Scope, Send, send_simple
+from gateway.context import RequestContext
+from gateway.errors import BodyTooLarge, Deny, GatewayError, Headers, UpstreamError, error_response
+from gateway.headers import GATEWAY_SET, connection_tokens, is_hop_by_hop, request_id_from
+from gateway.headers import response_headers as clean_response_headers
+from gateway.pipeline import BodyFilter, Pipeline, ResponseHead
+from gateway.telemetry import metrics
+from gateway.upstream import UpstreamResponse
+
+log = logging.getLogger("gateway.proxy")
+
+#: Declared-length answers up to this size are read whole and sent in one write.
+SMALL_BODY = 64 * 1024
+#: Buffering response filters (JSON guardrails) read at most this much of an answer.
+MAX_BUFFERED_RESPONSE = 16 * 1024 * 1024
+
+
+class GatewayApp:
+    """The client-facing ASGI app. ``pipeline`` is replaced whole on reload; a request keeps
+    the pipeline it started with until it ends."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self._retired: set[Pipeline] = set()
+
+    def swap(self, new: Pipeline) -> Pipeline:
+        """Make ``new`` the pipeline for new requests; the old one closes when idle."""
+        old, self.pipeline = self.pipeline, new
+        old.retired = True
+        if old.inflight == 0:
+            self._close_later(old)
+        else:
+            self._retired.add(old)
+        return old
+
+    def _close_later(self, pipeline: Pipeline) -> None:
+        self._retired.discard(pipeline)
+        task = asyncio.get_running_loop().create_task(pipeline.close())
+        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return  # lifespan is off and websockets are not proxied (ws="none")
+        pipeline = self.pipeline
+        pipeline.inflight += 1
+        metrics.IN_FLIGHT.inc()
+        state = _Sent()
+        try:
+            await _handle(pipeline, scope, receive, _tracking(send, state))
+        except Exception:
+            log.exception("unhandled error", extra={"path": scope.get("path")})
+            if not state.started:
+                rid = state.request_id or "-"
+                status, headers, body = error_response(
+                    Deny(500, "internal_error", "the gateway failed to handle the request"), rid
+                )
+                await send_simple(send, status, headers, body)
+        finally:
+            metrics.IN_FLIGHT.dec()
+            pipeline.inflight -= 1
+            if pipeline.retired and pipeline.inflight == 0 and pipeline in self._retired:
+                self._close_later(pipeline)
+
+
+class _Sent:
+    __slots__ = ("request_id", "started")
+
+    def __init__(self) -> None:
+        self.started = False
+        self.request_id: str | None = None
+
+
+def _tracking(send: Send, state: _Sent) -> Send:
+    async def tracked(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            state.started = True
+        await send(message)
+
+    return tracked
+
+
+async def _deny(send: Send, ctx_id: str, deny: Deny, extra: Headers | None = None) -> None:
+    metrics.REQUEST_ERRORS.labels(deny.type).inc()
+    status, headers, body = error_response(deny, ctx_id, extra)
+    await send_simple(send, status, headers, body)
+
+
+def _bad_path(path: str) -> bool:
+    # Routes are matched on the decoded path; dot segments or a NUL would let a client match
+    # one route (a public one) while the upstream normalises to another (a protected one).
+    if "\x00" in path or "\\" in path:
+        return True
+    return "/." in path and any(seg in (".", "..") for seg in path.split("/"))
+
+
+async def _handle(pipeline: Pipeline, scope: Scope, receive: Receive, send: Send) -> None:
+    raw_headers: Headers = scope["headers"]
+    rid_raw = clen_raw = host = None
+    chunked = False
+    size = 0
+    xff: list[bytes] = []
+    for k, v in raw_headers:
+        size += len(k) + len(v) + 4
+        if k == b"x-request-id":
+            rid_raw = v
+        elif k == b"content-length":
+            clen_raw = v
+        elif k == b"transfer-encoding":
+            chunked = True
+        elif k == b"host":
+            host = v
+        elif k == b"x-forwarded-for":
+            xff.append(v)
+    request_id = request_id_from(rid_raw)
+    if size > pipeline.max_headers:
+        msg = f"request headers are larger than {pipeline.max_headers} bytes"
+        return await _deny(send, request_id, Deny(431, "headers_too_large", msg))
+    method: str = scope["method"]
+    path: str = scope["path"]
+    if _bad_path(path):
+        return await _deny(send, request_id, Deny(400, "invalid_request", "invalid request path"))
+    route = pipeline.router.match(method, path.replace("//", "/") if "//" in path else path)
+    client = scope.get("client")
+    peer = client[0] if client else "0.0.0.0"
+    client_ip = pipeline.client_ip.resolve(peer, xff) if xff else peer
+    ctx = RequestContext(scope, request_id, route, method, path, client_ip, raw_headers)
+
+    for stage in route.before_body:
+        deny = await stage.on_request(ctx)
+        if deny is not None:
+            return await _deny(send, request_id, deny, ctx.response_headers)
+
+    clen: int | None = None
+    if clen_raw is not None:
+        if not clen_raw.isdigit():
+            return await _deny(send, request_id, Deny(400, "invalid_request", "bad Content-Length"))
+        clen = int(clen_raw)
+        if clen > pipeline.max_body:
+            msg = f"request body is larger than {pipeline.max_body} bytes"
+            return await _deny(send, request_id, Deny(413, "body_too_large", msg))
+
+    body: bytes | AsyncIterator[bytes] | None = None
+    has_body = chunked or (clen is not None and clen > 0)
+    try:
+        if route.needs_body:
+            ctx.body = await _read_body(receive, pipeline.max_body) if has_body else b""
+            body = ctx.body or None
+            for stage in route.after_body:
+                deny = await stage.on_request(ctx)
+                if deny is not None:
+                    return await _deny(send, request_id, deny, ctx.response_headers)
+        elif has_body:
+            first = await receive()
+            chunk = first.get("body", b"")
+            if len(chunk) > pipeline.max_body:
+                raise BodyTooLarge(f"request body is larger than {pipeline.max_body} bytes")
+            body = (
+                _stream_body(receive, chunk, pipeline.max_body) if first.get("more_body") else chunk
+            )
+    except BodyTooLarge as exc:
+        return await _deny(send, request_id, exc.deny())
+
+    headers = _upstream_headers(pipeline, ctx, raw_headers, host, xff, peer, scope["scheme"])
+    target = scope.get("raw_path") or path.encode()
+    qs: bytes = scope["query_string"]
+    target_s = target.decode("latin-1") + ("?" + qs.decode("latin-1") if qs else "")
+    try:
+        resp = await pipeline.upstream.request(method, target_s, headers, body)
+    except UpstreamError as exc:
+        metrics.UPSTREAM_ERRORS.labels(exc.kind).inc()
+        return await _deny(send, request_id, exc.deny(), ctx.response_headers)
+    except BodyTooLarge as exc:
+        return await _deny(send, request_id, exc.deny())
+    try:
+        await _respond(ctx, resp, receive, send, body is None or isinstance(body, bytes))
+    finally:
+        resp.close(reusable=resp.error_kind is None)
+        if resp.error_kind is not None:
+            metrics.UPSTREAM_ERRORS.labels(resp.error_kind).inc()
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    parts: list[bytes] = []
+    total = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise BodyTooLarge("client disconnected")  # nobody is left to read the answer
+        chunk = message.get("body", b"")
+        total += len(chunk)
+        if total > limit:
+            raise BodyTooLarge(f"request body is larger than {limit} bytes")
+        parts.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(parts)
+
+
+async def _stream_body(receive: Receive, first: bytes, limit: int) -> AsyncIterator[bytes]:
+    total = len(first)
+    if first:
+        yield first
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise GatewayError("client disconnected")
+        chunk = message.get("body", b"")
+        total += len(chunk)
+        if total > limit:
+            raise BodyTooLarge(f"request body is larger than {limit} bytes")
+        if chunk:
+            yield chunk
+        if not message.get("more_body"):
+            return
+
+
+def _upstream_headers(
+    pipeline: Pipeline,
+    ctx: RequestContext,
+    raw: Headers,
+    host: bytes | None,
+    xff: list[bytes],
+    peer: str,
+    scheme: str,
+) -> CIMultiDict[str]:
+    strip = pipeline.strip_headers
+    named = connection_tokens(raw) if any(k == b"connection" for k, _ in raw) else frozenset()
+    out: CIMultiDict[str] = CIMultiDict()
+    for k, v in raw:
+        if is_hop_by_hop(k, named) or k in GATEWAY_SET or k in strip:
+            continue
+        if k == b"host" and not pipeline.upstream.cfg.preserve_host:
+            continue
+        out.add(k.decode("latin-1"), _text(v))
+    if xff and pipeline.client_ip.enabled and pipeline.client_ip.is_trusted(peer):
+        chain = ", ".join(_text(v) for v in xff)
+        out["X-Forwarded-For"] = f"{chain}, {peer}"
+    else:
+        out["X-Forwarded-For"] = peer
+    out["X-Forwarded-Proto"] = scheme
+    if host is not None:
+        out["X-Forwarded-Host"] = _text(host)
+    out["X-Request-ID"] = ctx.request_id
+    for k, v in ctx.upstream_headers:
+        out[k.decode("latin-1")] = _text(v)
+    return out
+
+
+def _text(value: bytes) -> str:
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
+
+
+async def _respond(
+    ctx: RequestContext, resp: UpstreamResponse, receive: Receive, send: Send, body_done: bool
+) -> None:
+    head = ResponseHead(resp.status, clean_response_headers(resp.headers))
+    head.headers.append((b"x-request-id", ctx.request_id.encode()))
+    head.headers.extend(ctx.response_headers)
+    filters = [f for s in ctx.route.response if (f := s.on_response(ctx, head)) is not None]
+    ctx.status = head.status
+    clen = resp.content_length
+    if any(f.buffer for f in filters):
+        return await _respond_buffered(resp, head, filters, send)
+    if not filters and clen is not None and clen <= SMALL_BODY:
+        payload = await resp.read() if clen else b""
+        return await send_simple(send, head.status, head.headers, payload)
+    await send({"type": "http.response.start", "status": head.status, "headers": head.headers})
+    watch = body_done and _is_event_stream(head.headers)
+    if watch:
+        pump = asyncio.ensure_future(_pump(resp, filters, send))
+        gone = asyncio.ensure_future(receive())
+        await asyncio.wait({pump, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not pump.done():
+            pump.cancel()  # the client left: stop reading the upstream's stream
+            resp.error_kind = resp.error_kind or "client_gone"
+            return
+        gone.cancel()
+        complete = pump.result()
+    else:
+        complete = await _pump(resp, filters, send)
+    if complete:
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _pump(resp: UpstreamResponse, filters: list[BodyFilter], send: Send) -> bool:
+    """Stream the body through the filters; False when a declared length cannot be met."""
+    async for chunk in resp.chunks():
+        for f in filters:
+            chunk = await f.on_chunk(chunk)
+        if chunk:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    tail = b""
+    for f in filters:
+        tail = await f.on_chunk(tail) if tail else tail
+        tail += await f.on_end()
+    if tail:
+        await send({"type": "http.response.body", "body": tail, "more_body": True})
+    # A broken fixed-length body cannot be ended cleanly: returning without completing makes
+    # the server close the connection, which tells the client it was cut short.
+    return resp.error_kind is None or resp.content_length is None
+
+
+async def _respond_buffered(
+    resp: UpstreamResponse, head: ResponseHead, filters: list[BodyFilter], send: Send
+) -> None:
+    parts: list[bytes] = []
+    total = 0
+    async for chunk in resp.chunks():
+        total += len(chunk)
+        if total > MAX_BUFFERED_RESPONSE:
+            resp.error_kind = "too_large"
+            break
+        parts.append(chunk)
+    body = b"".join(parts)
+    for f in filters:
+        body = await f.on_chunk(body) + await f.on_end()
+    headers = [(k, v) for k, v in head.headers if k != b"content-length"]
+    headers.append((b"content-length", str(len(body)).encode()))
+    await send_simple(send, head.status, headers, body)
+
+
+def _is_event_stream(headers: Headers) -> bool:
+    for k, v in headers:
+        if k == b"content-type":
+            return v.startswith(b"text/event-stream")
+    return False

@@ -1,0 +1,66 @@
+"""RequestContext: everything one request carries through the pipeline."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import MutableMapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gateway.routes import CompiledRoute
+
+Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(slots=True)
+class Identity:
+    """The verified caller."""
+
+    sub: str
+    tier: str
+    claims: dict[str, Any]
+
+
+@dataclass(slots=True)
+class Usage:
+    """LLM usage of one request, when known."""
+
+    model: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    estimated: bool = False
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """Per-request state. Stages keep nothing per request on ``self``; it all lives here."""
+
+    scope: MutableMapping[str, Any]
+    request_id: str
+    route: CompiledRoute
+    method: str
+    path: str
+    client_ip: str
+    headers: Headers
+    """Request headers as received (lower-case names)."""
+    started: float = field(default_factory=time.perf_counter)
+    identity: Identity | None = None
+    body: bytes | None = None
+    """The request body, present only when a stage asked for it (``needs_body``)."""
+    upstream_headers: Headers = field(default_factory=list)
+    """Extra headers stages add to the upstream request (e.g. verified identity)."""
+    response_headers: Headers = field(default_factory=list)
+    """Extra headers stages add to the client's response (e.g. RateLimit-*)."""
+    usage: Usage = field(default_factory=Usage)
+    status: int = 0
+    notes: dict[str, Any] = field(default_factory=dict)
+    """Outcomes of stages for logs and metrics (``{"guardrail": "block", ...}``)."""
+
+    def header(self, name: bytes) -> bytes | None:
+        """First value of request header ``name`` (lower-case), or None."""
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None

@@ -1,0 +1,1 @@
+"""Demo helpers bundled with the gateway (mock upstream LLM service)."""

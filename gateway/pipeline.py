@@ -1,0 +1,190 @@
+"""The fixed phases of a request and the pipeline built from one policy.
+
+The phase order is the security model: a policy chooses what each phase does and on which
+routes, never the order. Stages plug in through ``gateway.stages.FACTORIES``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, Protocol
+
+from gateway.clientip import ClientIpResolver
+from gateway.context import RequestContext
+from gateway.errors import Deny, Headers
+from gateway.policy.schema import Policy
+from gateway.routes import OTHER, CompiledRoute, Router
+from gateway.upstream import Upstream
+
+log = logging.getLogger("gateway.pipeline")
+
+
+class Phase(IntEnum):
+    """Where a stage runs. Lower runs first; request id and route match always come before."""
+
+    IP_RULES = 10
+    AUTH = 20
+    RATE_LIMIT = 30
+    INPUT_GUARD = 50
+    OUTPUT_GUARD = 70
+    USAGE = 80
+
+
+class RequestStage(Protocol):
+    """A stage that may stop a request before it goes upstream."""
+
+    name: str
+    phase: Phase
+    needs_body: bool
+    """True when the stage reads ``ctx.body`` (the body is then buffered, bounded)."""
+
+    async def on_request(self, ctx: RequestContext) -> Deny | None:
+        """Return a Deny to stop the request, None to let it go on."""
+        ...
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    """Status and headers of the answer, still changeable by a buffering filter."""
+
+    status: int
+    headers: Headers
+
+
+class BodyFilter(Protocol):
+    """Sees an answer's body. With ``buffer`` the whole body comes in one ``on_chunk`` call
+    before the head is sent, so the filter may change ``head``; otherwise chunks stream."""
+
+    buffer: bool
+
+    async def on_chunk(self, chunk: bytes) -> bytes:
+        """Return what to send in place of ``chunk``."""
+        ...
+
+    async def on_end(self) -> bytes:
+        """Return what to send after the last chunk (e.g. a held-back tail)."""
+        ...
+
+
+class ResponseStage(Protocol):
+    """A stage that sees the upstream's answer."""
+
+    name: str
+    phase: Phase
+
+    def on_response(self, ctx: RequestContext, head: ResponseHead) -> BodyFilter | None:
+        """Inspect or change the head; return a filter to see the body, or None."""
+        ...
+
+
+Stage = RequestStage | ResponseStage
+ReadinessCheck = Callable[[], Awaitable[str | None]]
+"""Returns None when ready, or a short reason (``"state store unreachable"``)."""
+
+
+@dataclass
+class BuildContext:
+    """What stage factories get besides the route: the policy and shared resources."""
+
+    policy: Policy
+    shared: dict[str, Any] = field(default_factory=dict)
+    """Resources shared by routes (a JWKS fetcher, a store), keyed by the factory."""
+    on_start: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    on_close: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    readiness: dict[str, ReadinessCheck] = field(default_factory=dict)
+    strip_headers: set[bytes] = field(default_factory=set)
+    """Request headers never forwarded from the client (e.g. identity headers)."""
+
+
+StageFactory = Callable[[CompiledRoute, BuildContext], list[Any]]
+
+
+class Pipeline:
+    """Everything derived from one policy load. Swapped whole on reload."""
+
+    def __init__(self, policy: Policy, factories: tuple[StageFactory, ...]) -> None:
+        self.policy = policy
+        self.build = BuildContext(policy)
+        routes = [
+            _compile(
+                r.name,
+                r.path,
+                frozenset(r.methods) if r.methods else None,
+                r.layer,
+                r.auth or policy.auth,
+                r.rate_limits or policy.rate_limits,
+                r.guardrails or policy.guardrails,
+            )
+            for r in policy.routes
+        ]
+        fallback = _compile(
+            OTHER, "/", None, None, policy.auth, policy.rate_limits, policy.guardrails
+        )
+        for route in [*routes, fallback]:
+            for factory in factories:
+                for stage in factory(route, self.build):
+                    _attach(route, stage)
+            _order(route)
+        self.router = Router(routes, fallback)
+        self.upstream = Upstream(policy.upstream)
+        trusted = policy.rate_limits.trusted_proxies if policy.rate_limits else []
+        self.client_ip = ClientIpResolver(trusted)
+        self.strip_headers = frozenset(self.build.strip_headers)
+        self.max_body = policy.max_body_bytes
+        self.max_headers = policy.max_header_bytes
+        self.inflight = 0
+        self.retired = False
+
+    async def start(self) -> None:
+        """Run the stages' start-up work (key fetches, store connections)."""
+        for hook in self.build.on_start:
+            await hook()
+
+    async def close(self) -> None:
+        """Release the upstream pool and the stages' resources."""
+        await self.upstream.close()
+        for hook in self.build.on_close:
+            try:
+                await hook()
+            except Exception:
+                log.exception("closing a stage failed")
+
+    async def readiness(self) -> list[str]:
+        """Reasons this pipeline is not ready; empty when ready."""
+        failing = []
+        if not await self.upstream.reachable():
+            failing.append("upstream")
+        for name, check in self.build.readiness.items():
+            reason = await check()
+            if reason is not None:
+                failing.append(f"{name}: {reason}")
+        return failing
+
+
+def _compile(
+    name: str,
+    prefix: str,
+    methods: frozenset[str] | None,
+    layer: str | None,
+    auth: Any,
+    rate_limits: Any,
+    guardrails: Any,
+) -> CompiledRoute:
+    return CompiledRoute(name, prefix, methods, layer, auth, rate_limits, guardrails)
+
+
+def _attach(route: CompiledRoute, stage: Any) -> None:
+    if hasattr(stage, "on_request"):
+        (route.after_body if stage.needs_body else route.before_body).append(stage)
+        route.needs_body = route.needs_body or stage.needs_body
+    if hasattr(stage, "on_response"):
+        route.response.append(stage)
+
+
+def _order(route: CompiledRoute) -> None:
+    route.before_body.sort(key=lambda s: s.phase)
+    route.after_body.sort(key=lambda s: s.phase)
+    route.response.sort(key=lambda s: s.phase)

@@ -1,0 +1,102 @@
+"""The policy file as typed configuration: the top level and routes."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from gateway.policy.sections import (
+    AuthConfig,
+    CostConfig,
+    GrpcConfig,
+    GuardrailsConfig,
+    RateLimitConfig,
+    StateConfig,
+    TelemetryConfig,
+    UpstreamConfig,
+)
+from gateway.policy.types import Duration, HostPort, Size
+
+_CFG = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+#: Sections a route may override; the route's value is merged over the top-level one.
+ROUTE_SECTIONS = ("auth", "rate_limits", "guardrails")
+
+
+class Route(BaseModel):
+    """A group of paths with its own name (the metrics label) and optional overrides."""
+
+    model_config = _CFG
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    """Route name, used as the ``endpoint`` label of metrics."""
+    path: str = Field(pattern=r"^/[^\s?#]*$")
+    """Path prefix: ``/v1/chat`` matches ``/v1/chat`` and ``/v1/chat/x``, not ``/v1/chatx``."""
+    methods: list[str] | None = None
+    """HTTP methods this route matches; all when unset."""
+    layer: str | None = None
+    """Inference layer label (``layer3``, ``layer4``) used by the latency metrics."""
+    auth: AuthConfig | None = None
+    """Overrides of the top-level ``auth`` section (merged key by key)."""
+    rate_limits: RateLimitConfig | None = None
+    """Overrides of the top-level ``rate_limits`` section (merged key by key)."""
+    guardrails: GuardrailsConfig | None = None
+    """Overrides of the top-level ``guardrails`` section (merged key by key)."""
+
+    @field_validator("methods")
+    @classmethod
+    def _upper(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return None
+        for m in v:
+            if not m.isalpha():
+                raise ValueError(f"{m!r} is not an HTTP method")
+        return [m.upper() for m in v]
+
+
+class Policy(BaseModel):
+    """The whole policy file."""
+
+    model_config = _CFG
+
+    version: Literal[1]
+    """Policy format version; always ``1``."""
+    listen: HostPort = "0.0.0.0:8080"
+    """Where clients connect (restart to change)."""
+    admin_listen: HostPort = "127.0.0.1:9901"
+    """Admin listener: ``/healthz``, ``/readyz`` and ``/metrics`` only (restart to change)."""
+    upstream: UpstreamConfig
+    """The protected service."""
+    max_body_bytes: Size = 1024 * 1024
+    """Largest request body; larger → 413 without buffering it."""
+    max_header_bytes: Size = 16 * 1024
+    """Largest total size of the request headers; larger → 431."""
+    drain_timeout: Duration = 25.0
+    """On SIGTERM, how long in-flight requests may take to finish before the process exits
+    (keep it below the pod's ``terminationGracePeriodSeconds``)."""
+    state: StateConfig = Field(default_factory=StateConfig)
+    """Counter store for limits and budgets."""
+    auth: AuthConfig | None = None
+    """JWT validation; absent → no authentication."""
+    rate_limits: RateLimitConfig | None = None
+    """Limits; absent → no limits."""
+    guardrails: GuardrailsConfig | None = None
+    """Prompt and answer guardrails; absent → none."""
+    cost: CostConfig | None = None
+    """Model prices."""
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    """Tracing, metrics and logs."""
+    grpc: GrpcConfig | None = None
+    """gRPC proxy; absent → off."""
+    routes: list[Route] = Field(default_factory=list)
+    """Routes, first match wins; without routes the sections apply to every path."""
+
+    @model_validator(mode="after")
+    def _unique_route_names(self) -> Policy:
+        seen: set[str] = set()
+        for route in self.routes:
+            if route.name in seen or route.name == "other":
+                raise ValueError(f"route name {route.name!r} is used twice or reserved")
+            seen.add(route.name)
+        return self

@@ -1,0 +1,133 @@
+"""Run the gateway: the proxy and admin listeners in one event loop, reload, graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from gateway.admin import AdminApp
+from gateway.app import GatewayApp
+from gateway.asgi import ASGIApp
+from gateway.pipeline import Pipeline
+from gateway.policy import load_policy
+from gateway.policy.schema import Policy
+from gateway.policy.types import split_hostport
+from gateway.reload import Reloader
+from gateway.stages import FACTORIES
+from gateway.telemetry import metrics
+from gateway.telemetry.logging import setup_logging
+
+log = logging.getLogger("gateway.server")
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Command-line values that win over the policy file (also on every reload)."""
+
+    listen: str | None = None
+    admin_listen: str | None = None
+    upstream: str | None = None
+
+    def apply(self, policy: Policy) -> Policy:
+        """The policy with these overrides (validated by the command line)."""
+        update: dict[str, Any] = {}
+        if self.listen:
+            update["listen"] = self.listen
+        if self.admin_listen:
+            update["admin_listen"] = self.admin_listen
+        if self.upstream:
+            update["upstream"] = policy.upstream.model_copy(update={"url": self.upstream})
+        return policy.model_copy(update=update) if update else policy
+
+
+def build_pipeline(policy: Policy) -> Pipeline:
+    """The pipeline for ``policy`` with every registered stage factory."""
+    return Pipeline(policy, FACTORIES)
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server whose signals are handled by us (two servers share one process)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def uvicorn_config(app: ASGIApp, listen: str, **extra: Any) -> uvicorn.Config:
+    """uvicorn settings for a sidecar: no proxy-header trust, no server banner, our logs."""
+    host, port = split_hostport(listen)
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http="httptools",
+        ws="none",
+        lifespan="off",
+        proxy_headers=False,
+        server_header=False,
+        date_header=False,
+        access_log=False,
+        log_config=None,
+        **extra,
+    )
+
+
+async def serve(path: Path, overrides: Overrides = Overrides()) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit code."""
+    policy = overrides.apply(load_policy(path))
+    setup_logging(policy.telemetry.log_level)
+
+    def build(p: Policy) -> Pipeline:
+        return build_pipeline(overrides.apply(p))
+
+    pipeline = build_pipeline(policy)
+    await pipeline.start()
+    metrics.POLICY_INFO.set_to_current_time()
+    app = GatewayApp(pipeline)
+    admin = AdminApp(lambda: app.pipeline)
+    main = _Server(
+        uvicorn_config(app, policy.listen, timeout_graceful_shutdown=policy.drain_timeout)
+    )
+    admin_srv = _Server(uvicorn_config(admin, policy.admin_listen))
+    reloader = Reloader(path, app, build)
+
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        if not main.should_exit:
+            log.info("draining", extra={"grace_seconds": app.pipeline.policy.drain_timeout})
+        admin.draining = True
+        main.should_exit = True
+
+    loop.add_signal_handler(signal.SIGTERM, stop)
+    loop.add_signal_handler(signal.SIGINT, stop)
+    loop.add_signal_handler(
+        signal.SIGHUP, lambda: loop.create_task(reloader.reload(reason="SIGHUP"))
+    )
+    watcher = loop.create_task(reloader.watch())
+    admin_task = loop.create_task(admin_srv.serve())
+    log.info(
+        "gateway started",
+        extra={
+            "listen": policy.listen,
+            "admin": policy.admin_listen,
+            "upstream": policy.upstream.url,
+        },
+    )
+    try:
+        await main.serve()
+    finally:
+        watcher.cancel()
+        admin_srv.should_exit = True
+        await admin_task
+        await app.pipeline.close()
+    log.info("gateway stopped")
+    return 0

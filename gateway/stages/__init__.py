@@ -1,0 +1,12 @@
+"""Stages plug into the pipeline here: each factory builds the stages one route needs.
+
+A factory is ``(route, build) -> list[stage]``; it reads the route's effective sections,
+compiles everything it needs now (nothing on the hot path parses or compiles), and registers
+shared resources, start/close hooks and readiness checks on ``build``.
+"""
+
+from __future__ import annotations
+
+from gateway.pipeline import StageFactory
+
+FACTORIES: tuple[StageFactory, ...] = ()

@@ -1,0 +1,41 @@
+"""Every Prometheus metric of the gateway, defined once. Label sets are closed."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+CONFIG_RELOADS = Counter(
+    "gateway_config_reload_total",
+    "Policy reloads by result (success, failure).",
+    ["result"],
+    registry=REGISTRY,
+)
+UPSTREAM_ERRORS = Counter(
+    "gateway_upstream_errors_total",
+    "Upstream failures by kind (refused, connect_timeout, timeout, reset, protocol).",
+    ["kind"],
+    registry=REGISTRY,
+)
+REQUEST_ERRORS = Counter(
+    "gateway_request_errors_total",
+    "Requests the gateway refused itself, by error type (body_too_large, ...).",
+    ["type"],
+    registry=REGISTRY,
+)
+POLICY_INFO = Gauge(
+    "gateway_policy_loaded_timestamp_seconds",
+    "Unix time the policy in use was loaded.",
+    registry=REGISTRY,
+)
+IN_FLIGHT = Gauge(
+    "gateway_requests_in_flight",
+    "Requests being handled right now.",
+    registry=REGISTRY,
+)
+
+
+def render() -> bytes:
+    """The Prometheus text exposition of all gateway metrics."""
+    return generate_latest(REGISTRY)

@@ -1,26 +1,19 @@
 """Choose the gateway's upstream HTTP client by measurement.
 
-Run: ``python -m bench.upstream_clients [--duration 10] [--only NAME ...]``.
-
-nginx (static mode, 1 worker) is the upstream. Each candidate is a tiny pure-ASGI
-streaming reverse proxy (method, path, query, headers minus hop-by-hop, body; the
-response is streamed back chunk by chunk) served by uvicorn (uvloop, httptools,
-1 worker) in a subprocess, and loaded with ``wrk -c32 -t2`` for GET and for a POST
-of a 1 KiB JSON body. "direct" is wrk straight against nginx. The table goes to
-stdout and the figures to ``bench/results/upstream_clients.json``.
-
-Request bodies: a request has a body iff it carries Content-Length or
-Transfer-Encoding. Plain candidates stream every body from ASGI ``receive`` through an
-async generator; ``*-peek`` candidates await the first body message and, when it is
-the whole body (``more_body`` false, the usual case for LLM API calls), pass bytes,
-falling back to the generator otherwise.
+Run ``python -m bench.upstream_clients [--duration 10] [--only NAME ...]``. nginx (static)
+is the upstream; each candidate is a pure-ASGI streaming reverse proxy under uvicorn
+(uvloop, httptools, 1 worker) in a subprocess, loaded by ``wrk -c32 -t2`` with GET and a
+1 KiB JSON POST; "direct" is wrk against nginx. Results: stdout and
+``bench/results/upstream_clients.json``. Plain candidates stream the request body from
+ASGI ``receive`` through an async generator; ``*-peek`` ones pass bytes when the first
+body message is the whole body (the usual LLM API call), else fall back to the generator.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.metadata
+import importlib.metadata as md
 import json
 import os
 import platform
@@ -32,28 +25,29 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mutabl
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import httpx
+from yarl import URL
+
 from bench._util import free_port, rss_mb, run_wrk, start_nginx, stop_process, wait_port
 
 Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
-Body = bytes | AsyncIterator[bytes] | None
 
 HOP_BY_HOP = frozenset(
     b"connection keep-alive proxy-authenticate proxy-authorization proxy-connection "
     b"te trailer trailers transfer-encoding upgrade host".split()
 )
+SKIP_AUTO = ("Accept", "Accept-Encoding", "User-Agent")  # aiohttp must not add its own
 RESULTS = Path(__file__).resolve().parent / "results" / "upstream_clients.json"
-CANDIDATES = (
-    "httpx-default",
-    "httpx-pool64",
-    "httpx-pool64-peek",
-    "httpx-aiohttp",
-    "aiohttp",
-    "aiohttp-peek",
-)
+HTTPX_CANDIDATES = ("httpx-default", "httpx-pool64", "httpx-pool64-peek", "httpx-aiohttp")
+CANDIDATES = (*HTTPX_CANDIDATES, "aiohttp", "aiohttp-peek")
+
+
+class ClientGone(Exception):
+    """The downstream client disconnected before its request body was complete."""
 
 
 def strip_hop_by_hop(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
@@ -61,12 +55,12 @@ def strip_hop_by_hop(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
     return [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
 
 
-async def request_body(scope: Scope, receive: Receive, peek: bool) -> Body:
+async def request_body(scope: Scope, receive: Receive, peek: bool) -> Any:
     """Return the request body: None, whole bytes (``peek`` fast path) or a byte stream."""
     names = {k for k, _ in scope["headers"]}
     if b"content-length" not in names and b"transfer-encoding" not in names:
         return None
-    first: bytes | None = None
+    first = b""
     if peek:
         msg = await receive()
         first = msg.get("body", b"")
@@ -80,7 +74,7 @@ async def request_body(scope: Scope, receive: Receive, peek: bool) -> Body:
         while more:
             msg = await receive()
             if msg["type"] == "http.disconnect":
-                raise ConnectionError("client went away while sending the body")
+                raise ClientGone("client went away while sending the body")
             more = msg.get("more_body", False)
             if msg.get("body"):
                 yield msg["body"]
@@ -88,34 +82,24 @@ async def request_body(scope: Scope, receive: Receive, peek: bool) -> Body:
     return chunks()
 
 
-async def stream_back(
-    send: Send, status: int, headers: Headers, body: AsyncIterator[bytes]
-) -> None:
-    """Send the response start, then the body chunks; the last chunk carries more_body=False."""
+async def stream_back(send: Send, status: int, headers: Headers, it: AsyncIterator[bytes]) -> None:
+    """Send the response start, then the chunks; the last one carries more_body=False."""
     await send({"type": "http.response.start", "status": status, "headers": headers})
     prev = b""
-    async for chunk in body:
-        if not chunk:
-            continue
-        if prev:
-            await send({"type": "http.response.body", "body": prev, "more_body": True})
-        prev = chunk
+    async for chunk in it:
+        if chunk:
+            if prev:
+                await send({"type": "http.response.body", "body": prev, "more_body": True})
+            prev = chunk
     await send({"type": "http.response.body", "body": prev, "more_body": False})
 
 
-async def bad_gateway(send: Send) -> None:
-    """Answer 502 when the upstream could not be reached (before any response byte)."""
-    await send({"type": "http.response.start", "status": 502, "headers": []})
-    await send({"type": "http.response.body", "body": b"bad gateway"})
-
-
 class ProxyApp:
-    """Pure-ASGI streaming reverse proxy; subclasses own the upstream client."""
+    """Pure-ASGI streaming reverse proxy to ``upstream``; subclasses own the client."""
 
-    def __init__(self, upstream: str, peek: bool) -> None:
-        """``upstream`` is ``http://127.0.0.1:PORT``; ``peek`` enables the body fast path."""
-        self.upstream = upstream
-        self.peek = peek
+    def __init__(self, name: str, upstream: str) -> None:
+        """``name`` is the candidate, ``upstream`` is ``http://127.0.0.1:PORT``."""
+        self.name, self.upstream, self.peek = name, upstream, name.endswith("-peek")
 
     def target(self, scope: Scope) -> str:
         """Upstream URL for this request (raw path and query string kept as sent)."""
@@ -124,53 +108,47 @@ class ProxyApp:
         return f"{self.upstream}{path}?{query}" if query else f"{self.upstream}{path}"
 
     async def open(self) -> None:
-        """Create the client (inside the server's event loop)."""
+        """Create the client inside the server's event loop (lifespan startup)."""
+        raise NotImplementedError
 
     async def close(self) -> None:
-        """Close the client."""
+        """Close the client (lifespan shutdown)."""
+        raise NotImplementedError
 
-    async def forward(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Proxy one HTTP request."""
+    async def forward(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        """Proxy one HTTP request; False when the upstream could not be reached."""
         raise NotImplementedError
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """ASGI entry point: HTTP requests and the lifespan protocol."""
+        """ASGI entry point: HTTP (502 when the upstream is down) and lifespan."""
         if scope["type"] == "http":
-            await self.forward(scope, receive, send)
+            try:
+                if not await self.forward(scope, receive, send):
+                    await send({"type": "http.response.start", "status": 502, "headers": []})
+                    await send({"type": "http.response.body", "body": b"bad gateway"})
+            except ClientGone:
+                return
         elif scope["type"] == "lifespan":
-            while True:
-                msg = await receive()
-                if msg["type"] == "lifespan.startup":
-                    await self.open()
-                    await send({"type": "lifespan.startup.complete"})
-                elif msg["type"] == "lifespan.shutdown":
-                    await self.close()
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await receive()  # lifespan.startup
+            await self.open()
+            await send({"type": "lifespan.startup.complete"})
+            await receive()  # lifespan.shutdown
+            await self.close()
+            await send({"type": "lifespan.shutdown.complete"})
 
 
 class HttpxProxy(ProxyApp):
-    """httpx.AsyncClient; ``transport`` selects the aiohttp transport instead of httpcore."""
-
-    def __init__(self, upstream: str, peek: bool, pool64: bool, transport: str = "httpcore"):
-        """Configure which httpx pool/transport :meth:`open` builds."""
-        super().__init__(upstream, peek)
-        self.pool64, self.transport = pool64, transport
+    """httpx.AsyncClient over httpcore (default or 64-connection pool) or aiohttp."""
 
     async def open(self) -> None:
-        """Build the client; requests are sent with ``send`` so no default headers are added."""
-        import httpx
-
+        """Build the client; requests go through ``send`` so no default headers are added."""
         kwargs: dict[str, Any] = {}
-        if self.pool64:
+        if "pool64" in self.name:
             kwargs["limits"] = httpx.Limits(max_keepalive_connections=64, max_connections=64)
-        if self.transport == "aiohttp":
-            import aiohttp
+        if self.name.startswith("httpx-aiohttp"):
             from httpx_aiohttp import AiohttpTransport
 
-            session = aiohttp.ClientSession(
-                auto_decompress=False, skip_auto_headers=("Accept-Encoding", "User-Agent", "Accept")
-            )
+            session = aiohttp.ClientSession(auto_decompress=False, skip_auto_headers=SKIP_AUTO)
             kwargs["transport"] = AiohttpTransport(client=session)
         self.client = httpx.AsyncClient(**kwargs)
 
@@ -178,37 +156,33 @@ class HttpxProxy(ProxyApp):
         """Close the pool."""
         await self.client.aclose()
 
-    async def forward(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def forward(self, scope: Scope, receive: Receive, send: Send) -> bool:
         """Proxy one request with ``client.send(..., stream=True)`` and ``aiter_raw``."""
-        import httpx
-
         body = await request_body(scope, receive, self.peek)
         headers = strip_hop_by_hop(scope["headers"])
         request = httpx.Request(scope["method"], self.target(scope), headers=headers, content=body)
         try:
             resp = await self.client.send(request, stream=True)
         except httpx.HTTPError:
-            await bad_gateway(send)
-            return
+            return False
         try:
             out = strip_hop_by_hop(resp.headers.raw)
             await stream_back(send, resp.status_code, out, resp.aiter_raw())
         finally:
             await resp.aclose()
+        return True
 
 
 class AiohttpProxy(ProxyApp):
-    """aiohttp.ClientSession with a TCPConnector (limit 256), auto_decompress off."""
+    """aiohttp.ClientSession, TCPConnector(limit=256), auto_decompress off."""
 
     async def open(self) -> None:
-        """Build the session; skip aiohttp's own Accept-Encoding/User-Agent headers."""
-        import aiohttp
-
+        """Build the session (no automatic Accept/Accept-Encoding/User-Agent headers)."""
         connector = aiohttp.TCPConnector(limit=256, ttl_dns_cache=300, enable_cleanup_closed=False)
         self.session = aiohttp.ClientSession(
             connector=connector,
             auto_decompress=False,
-            skip_auto_headers=("Accept-Encoding", "User-Agent", "Accept"),
+            skip_auto_headers=SKIP_AUTO,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60),
         )
 
@@ -216,11 +190,8 @@ class AiohttpProxy(ProxyApp):
         """Close the session and its connector."""
         await self.session.close()
 
-    async def forward(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def forward(self, scope: Scope, receive: Receive, send: Send) -> bool:
         """Proxy one request, streaming the response with ``content.iter_any()``."""
-        import aiohttp
-        from yarl import URL
-
         body = await request_body(scope, receive, self.peek)
         fwd = strip_hop_by_hop(scope["headers"])
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in fwd]
@@ -230,25 +201,21 @@ class AiohttpProxy(ProxyApp):
                 scope["method"], url, headers=headers, data=body, allow_redirects=False
             )
         except (aiohttp.ClientError, TimeoutError):
-            await bad_gateway(send)
-            return
+            return False
         try:
             out = strip_hop_by_hop(resp.raw_headers)
             await stream_back(send, resp.status, out, resp.content.iter_any())
         finally:
             resp.release()
+        return True
 
 
 def make_app(name: str, upstream: str) -> ProxyApp:
     """Build candidate ``name`` (one of :data:`CANDIDATES`) proxying to ``upstream``."""
-    peek = name.endswith("-peek")
-    if name.startswith("httpx-aiohttp"):
-        return HttpxProxy(upstream, peek, pool64=False, transport="aiohttp")
-    if name.startswith("httpx-"):
-        return HttpxProxy(upstream, peek, pool64=name.startswith("httpx-pool64"))
-    if name.startswith("aiohttp"):
-        return AiohttpProxy(upstream, peek)
-    raise ValueError(f"unknown candidate {name!r}")
+    if name not in CANDIDATES:
+        raise ValueError(f"unknown candidate {name!r}")
+    cls = AiohttpProxy if name.startswith("aiohttp") else HttpxProxy
+    return cls(name, upstream)
 
 
 def serve(name: str, port: int, upstream_port: int) -> None:
@@ -287,23 +254,11 @@ def measure(port: int, duration: int, body: bytes) -> dict[str, Any]:
     return out
 
 
-def versions() -> dict[str, str]:
-    """Installed versions of the packages under test."""
-    names = ("httpx", "httpcore", "httpx-aiohttp", "aiohttp", "uvicorn", "uvloop", "httptools")
-    found: dict[str, str] = {}
-    for name in names:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = "missing"
-    return found
-
-
 def table(rows: list[dict[str, Any]]) -> str:
-    """Format the results as a plain-text table (ratios are req/s vs direct nginx)."""
+    """Plain-text table; the x columns are req/s relative to direct nginx."""
     base = rows[0]
-    head = f"{'candidate':<18} {'GET r/s':>9} {'GET p50/p99 ms':>15} {'POST r/s':>9} "
-    head += f"{'POST p50/p99 ms':>16} {'GET x':>6} {'POST x':>6} {'RSS MB':>7}"
+    head = f"{'candidate':<18} {'GET r/s':>8} {'GET p50/p99 ms':>15} {'POST r/s':>8} "
+    head += f"{'POST p50/p99 ms':>16} {'GET x':>6} {'POST x':>6} {'RSS MB':>6}"
     lines = [head, "-" * len(head)]
     for row in rows:
         if "error" in row:
@@ -311,16 +266,16 @@ def table(rows: list[dict[str, Any]]) -> str:
             continue
         g, p = row["GET"], row["POST"]
         lines.append(
-            f"{row['name']:<18} {g['rps']:>9.0f} {g['p50_ms']:>7.2f}/{g['p99_ms']:<7.2f} "
-            f"{p['rps']:>9.0f} {p['p50_ms']:>8.2f}/{p['p99_ms']:<7.2f} "
+            f"{row['name']:<18} {g['rps']:>8.0f} {g['p50_ms']:>7.2f}/{g['p99_ms']:<7.2f} "
+            f"{p['rps']:>8.0f} {p['p50_ms']:>8.2f}/{p['p99_ms']:<7.2f} "
             f"{g['rps'] / base['GET']['rps']:>6.3f} {p['rps'] / base['POST']['rps']:>6.3f} "
-            f"{row.get('rss_mb', 0.0):>7.1f}"
+            f"{row.get('rss_mb', 0.0):>6.1f}"
         )
     return "\n".join(lines)
 
 
-def run(duration: int, only: list[str]) -> list[dict[str, Any]]:
-    """Start nginx, measure direct and each candidate, and return one row per run."""
+def run(duration: int, names: Iterable[str]) -> list[dict[str, Any]]:
+    """Start nginx, measure it directly and through each candidate; one row per run."""
     body = json_body()
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-upstream-") as tmp:
@@ -329,7 +284,7 @@ def run(duration: int, only: list[str]) -> list[dict[str, Any]]:
         try:
             wait_port(up_port, 10)
             rows.append({"name": "direct", **measure(up_port, duration, body)})
-            for name in only or CANDIDATES:
+            for name in names:
                 print(f"... {name}", file=sys.stderr, flush=True)
                 port = free_port()
                 cmd = [sys.executable, "-m", "bench.upstream_clients", "--serve", name]
@@ -362,18 +317,19 @@ def main() -> None:
     if args.serve:
         serve(args.serve, args.port, args.upstream_port)
         return
-    rows = run(args.duration, args.only)
+    rows = run(args.duration, args.only or CANDIDATES)
     print(table(rows))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    pkgs = ("httpx", "httpcore", "httpx-aiohttp", "aiohttp", "uvicorn", "uvloop", "httptools")
     doc = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "nproc": os.cpu_count(),
         "python": platform.python_version(),
         "duration_s": args.duration,
         "wrk": {"connections": 32, "threads": 2, "post_body_bytes": len(json_body())},
-        "versions": versions(),
+        "versions": {d.name: d.version for d in md.distributions() if d.name in pkgs},
         "results": rows,
     }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {RESULTS}")
 

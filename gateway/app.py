@@ -60,7 +60,7 @@ class GatewayApp:
         except Exception:
             log.exception("unhandled error", extra={"path": scope.get("path")})
             if not state.started:
-                rid = state.request_id or "-"
+                rid = request_id_from(dict(scope["headers"]).get(b"x-request-id"))
                 status, headers, body = error_response(
                     Deny(500, "internal_error", "the gateway failed to handle the request"), rid
                 )
@@ -73,11 +73,10 @@ class GatewayApp:
 
 
 class _Sent:
-    __slots__ = ("request_id", "started")
+    __slots__ = ("started",)
 
     def __init__(self) -> None:
         self.started = False
-        self.request_id: str | None = None
 
 
 def _tracking(send: Send, state: _Sent) -> Send:
@@ -149,7 +148,7 @@ async def _handle(pipeline: Pipeline, scope: Scope, receive: Receive, send: Send
             msg = f"request body is larger than {pipeline.max_body} bytes"
             return await _deny(send, request_id, Deny(413, "body_too_large", msg))
 
-    body: bytes | AsyncIterator[bytes] | None = None
+    body: bytes | _BodyStream | None = None
     has_body = chunked or (clen is not None and clen > 0)
     try:
         if route.needs_body:
@@ -164,9 +163,8 @@ async def _handle(pipeline: Pipeline, scope: Scope, receive: Receive, send: Send
             chunk = first.get("body", b"")
             if len(chunk) > pipeline.max_body:
                 raise BodyTooLarge(f"request body is larger than {pipeline.max_body} bytes")
-            body = (
-                _stream_body(receive, chunk, pipeline.max_body) if first.get("more_body") else chunk
-            )
+            more = first.get("more_body")
+            body = _BodyStream(receive, chunk, pipeline.max_body) if more else chunk
     except BodyTooLarge as exc:
         return await _deny(send, request_id, exc.deny())
 
@@ -177,10 +175,12 @@ async def _handle(pipeline: Pipeline, scope: Scope, receive: Receive, send: Send
     try:
         resp = await pipeline.upstream.request(method, target_s, headers, body)
     except UpstreamError as exc:
+        if isinstance(body, _BodyStream) and body.error is not None:
+            if isinstance(body.error, BodyTooLarge):
+                return await _deny(send, request_id, body.error.deny())
+            return None  # the client left mid-body: nobody to answer
         metrics.UPSTREAM_ERRORS.labels(exc.kind).inc()
         return await _deny(send, request_id, exc.deny(), ctx.response_headers)
-    except BodyTooLarge as exc:
-        return await _deny(send, request_id, exc.deny())
     try:
         await _respond(ctx, resp, receive, send, body is None or isinstance(body, bytes))
     finally:
@@ -205,22 +205,36 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
             return b"".join(parts)
 
 
-async def _stream_body(receive: Receive, first: bytes, limit: int) -> AsyncIterator[bytes]:
-    total = len(first)
-    if first:
-        yield first
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise GatewayError("client disconnected")
-        chunk = message.get("body", b"")
-        total += len(chunk)
-        if total > limit:
-            raise BodyTooLarge(f"request body is larger than {limit} bytes")
-        if chunk:
-            yield chunk
-        if not message.get("more_body"):
-            return
+class _BodyStream:
+    """The client's body streamed upstream, counted; remembers why it stopped, since the
+    upstream client wraps whatever the iterator raises in its own error."""
+
+    __slots__ = ("error", "first", "limit", "receive")
+
+    def __init__(self, receive: Receive, first: bytes, limit: int) -> None:
+        self.receive = receive
+        self.first = first
+        self.limit = limit
+        self.error: GatewayError | None = None
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        total = len(self.first)
+        if self.first:
+            yield self.first
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                self.error = GatewayError("client disconnected")
+                raise self.error
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > self.limit:
+                self.error = BodyTooLarge(f"request body is larger than {self.limit} bytes")
+                raise self.error
+            if chunk:
+                yield chunk
+            if not message.get("more_body"):
+                return
 
 
 def _upstream_headers(
@@ -280,7 +294,7 @@ async def _respond(
     watch = body_done and _is_event_stream(head.headers)
     if watch:
         pump = asyncio.ensure_future(_pump(resp, filters, send))
-        gone = asyncio.ensure_future(receive())
+        gone = asyncio.ensure_future(_disconnected(receive))
         await asyncio.wait({pump, gone}, return_when=asyncio.FIRST_COMPLETED)
         if not pump.done():
             pump.cancel()  # the client left: stop reading the upstream's stream
@@ -329,6 +343,12 @@ async def _respond_buffered(
     headers = [(k, v) for k, v in head.headers if k != b"content-length"]
     headers.append((b"content-length", str(len(body)).encode()))
     await send_simple(send, head.status, headers, body)
+
+
+async def _disconnected(receive: Receive) -> None:
+    # An unread (empty) request body may still be queued before the disconnect event.
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _is_event_stream(headers: Headers) -> bool:

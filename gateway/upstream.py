@@ -31,7 +31,13 @@ def translate(exc: BaseException) -> UpstreamError:
         )
     if isinstance(exc, aiohttp.ServerTimeoutError | asyncio.TimeoutError | TimeoutError):
         return UpstreamError(504, "upstream_timeout", "upstream did not answer in time", "timeout")
-    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError | ConnectionError):
+    if isinstance(
+        exc,
+        aiohttp.ServerDisconnectedError
+        | aiohttp.ClientOSError
+        | aiohttp.ClientPayloadError
+        | ConnectionError,
+    ):
         return UpstreamError(502, "upstream_reset", "upstream closed the connection", "reset")
     return UpstreamError(
         502, "upstream_protocol_error", "upstream sent an invalid answer", "protocol"

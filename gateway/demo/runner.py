@@ -51,7 +51,7 @@ def _instructions(policy_path: Path, listen: str, token: str | None) -> str:
 
 async def run_demo(policy_path: Path, mock_listen: str) -> int:
     """Start the mock LLM service and the gateway, print how to try them, serve until Ctrl+C."""
-    if not policy_path.exists():
+    if not policy_path.is_file():  # noqa: ASYNC240 - once, before anything runs
         print(f"gateway demo: {policy_path} not found (run it from the repository root)")
         return 1
     # The demo policy reads its secret from the environment; make one up for this run.

@@ -34,6 +34,31 @@ IN_FLIGHT = Gauge(
     "Requests being handled right now.",
     registry=REGISTRY,
 )
+AUTH_FAILURES = Counter(
+    "gateway_auth_failures_total",
+    "Tokens refused by reason (missing_token, token_too_large, malformed, alg_not_allowed, "
+    "crit, unknown_kid, key_mismatch, bad_signature, expired, not_yet_valid, missing_exp, "
+    "wrong_issuer, wrong_audience, missing_sub, unknown_tier, insufficient_scope, unavailable).",
+    ["reason"],
+    registry=REGISTRY,
+)
+CACHE_REQUESTS = Counter(
+    "gateway_cache_requests_total",
+    "Cache lookups by cache (jwt: verified tokens, jwks: key ids) and result (hit, miss).",
+    ["cache", "result"],
+    registry=REGISTRY,
+)
+JWKS_FETCHES = Counter(
+    "gateway_jwks_fetch_total",
+    "JWKS fetches by result (success, failure).",
+    ["result"],
+    registry=REGISTRY,
+)
+JWKS_AGE = Gauge(
+    "gateway_jwks_age_seconds",
+    "Age of the oldest JWKS key set in use (seconds since its last successful fetch).",
+    registry=REGISTRY,
+)
 
 
 def render() -> bytes:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib
 import importlib.metadata as md
 import json
 import os
@@ -26,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import httpx
 from yarl import URL
 
 from bench._util import free_port, rss_mb, run_wrk, start_nginx, stop_process, wait_port
@@ -43,6 +43,7 @@ HOP_BY_HOP = frozenset(
 SKIP_AUTO = ("Accept", "Accept-Encoding", "User-Agent")  # aiohttp must not add its own
 RESULTS = Path(__file__).resolve().parent / "results" / "upstream_clients.json"
 HTTPX_CANDIDATES = ("httpx-default", "httpx-pool64", "httpx-pool64-peek", "httpx-aiohttp")
+HTTPX_CANDIDATES += ("httpx2-pool64",)  # pydantic's httpx fork, pulled in by openai
 CANDIDATES = (*HTTPX_CANDIDATES, "aiohttp", "aiohttp-peek")
 
 
@@ -138,19 +139,20 @@ class ProxyApp:
 
 
 class HttpxProxy(ProxyApp):
-    """httpx.AsyncClient over httpcore (default or 64-connection pool) or aiohttp."""
+    """httpx.AsyncClient over httpcore (default or 64-connection pool) or aiohttp; or httpx2."""
 
     async def open(self) -> None:
         """Build the client; requests go through ``send`` so no default headers are added."""
+        self.httpx = importlib.import_module("httpx2" if "httpx2" in self.name else "httpx")
         kwargs: dict[str, Any] = {}
         if "pool64" in self.name:
-            kwargs["limits"] = httpx.Limits(max_keepalive_connections=64, max_connections=64)
+            kwargs["limits"] = self.httpx.Limits(max_keepalive_connections=64, max_connections=64)
         if self.name.startswith("httpx-aiohttp"):
             from httpx_aiohttp import AiohttpTransport
 
             session = aiohttp.ClientSession(auto_decompress=False, skip_auto_headers=SKIP_AUTO)
             kwargs["transport"] = AiohttpTransport(client=session)
-        self.client = httpx.AsyncClient(**kwargs)
+        self.client = self.httpx.AsyncClient(**kwargs)
 
     async def close(self) -> None:
         """Close the pool."""
@@ -160,10 +162,11 @@ class HttpxProxy(ProxyApp):
         """Proxy one request with ``client.send(..., stream=True)`` and ``aiter_raw``."""
         body = await request_body(scope, receive, self.peek)
         headers = strip_hop_by_hop(scope["headers"])
-        request = httpx.Request(scope["method"], self.target(scope), headers=headers, content=body)
+        url = self.target(scope)
+        request = self.httpx.Request(scope["method"], url, headers=headers, content=body)
         try:
             resp = await self.client.send(request, stream=True)
-        except httpx.HTTPError:
+        except self.httpx.HTTPError:
             return False
         try:
             out = strip_hop_by_hop(resp.headers.raw)
@@ -319,7 +322,8 @@ def main() -> None:
         return
     rows = run(args.duration, args.only or CANDIDATES)
     print(table(rows))
-    pkgs = ("httpx", "httpcore", "httpx-aiohttp", "aiohttp", "uvicorn", "uvloop", "httptools")
+    pkgs = ("httpx", "httpcore", "httpx2", "httpcore2", "httpx-aiohttp", "aiohttp", "uvicorn")
+    pkgs += ("uvloop", "httptools")
     doc = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "nproc": os.cpu_count(),

@@ -160,9 +160,8 @@ class Verifier:
         claims_json = None
         if self.want_claims_json:
             claims_json = json.dumps(claims, separators=(",", ":"), ensure_ascii=True).encode()
-        return Verified(
-            Identity(sub, tier, claims), sub.encode(), tier.encode(), claims_json, deadline, from_jwks
-        )
+        identity = Identity(sub, tier, claims)
+        return Verified(identity, sub.encode(), tier.encode(), claims_json, deadline, from_jwks)
 
     def _keys(self, kid: str | None, alg: str) -> tuple[list[SignatureCheck], list[SignatureCheck]]:
         static, named = self.static.lookup(kid, alg)

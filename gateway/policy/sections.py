@@ -71,7 +71,7 @@ class ForwardHeaders(Section):
 
 
 class AuthConfig(Section):
-    """JWT validation (issue: identity)."""
+    """JWT validation."""
 
     required: bool = True
     """Reject requests without a valid token; ``false`` makes the route public."""
@@ -112,7 +112,7 @@ class AuthConfig(Section):
 
 
 class RateLimitConfig(Section):
-    """Request, token and cost limits (issue: rate limits)."""
+    """Request, token and cost limits."""
 
     per_ip: Rate | None = None
     """Limit per client IP, e.g. ``100/minute``."""
@@ -129,7 +129,7 @@ class RateLimitConfig(Section):
 
 
 class InputGuardConfig(Section):
-    """Checks on prompts before they reach the service (issue: guardrails)."""
+    """Checks on prompts before they reach the service."""
 
     format: Literal["openai", "anthropic", "json_paths", "none"] = "openai"
     """Where the prompt text is in the body."""
@@ -148,7 +148,7 @@ class InputGuardConfig(Section):
 
 
 class OutputGuardConfig(Section):
-    """Checks on answers before they reach the client (issue: guardrails)."""
+    """Checks on answers before they reach the client."""
 
     max_chars: int | None = Field(default=None, ge=1)
     """Longest answer text."""
@@ -192,7 +192,7 @@ class CostConfig(Section):
 
 
 class TelemetryConfig(Section):
-    """Tracing, metrics and logs (issue: observability)."""
+    """Tracing, metrics and logs."""
 
     service_name: str = "gateway"
     """``service.name`` of spans and the ``service`` metric label."""
@@ -227,7 +227,7 @@ class TlsClient(Section):
 
 
 class GrpcConfig(Section):
-    """The gRPC side of the proxy (issue: gRPC)."""
+    """The gRPC side of the proxy."""
 
     listen: HostPort = "0.0.0.0:50051"
     """gRPC listener address."""

@@ -8,5 +8,6 @@ shared resources, start/close hooks and readiness checks on ``build``.
 from __future__ import annotations
 
 from gateway.pipeline import StageFactory
+from gateway.stages.auth import build_auth_stages
 
-FACTORIES: tuple[StageFactory, ...] = ()
+FACTORIES: tuple[StageFactory, ...] = (build_auth_stages,)

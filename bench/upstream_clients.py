@@ -42,8 +42,8 @@ HOP_BY_HOP = frozenset(
 )
 SKIP_AUTO = ("Accept", "Accept-Encoding", "User-Agent")  # aiohttp must not add its own
 RESULTS = Path(__file__).resolve().parent / "results" / "upstream_clients.json"
-HTTPX_CANDIDATES = ("httpx-default", "httpx-pool64", "httpx-pool64-peek", "httpx-aiohttp")
-HTTPX_CANDIDATES += ("httpx2-pool64",)  # pydantic's httpx fork, pulled in by openai
+HTTPX_CANDIDATES: tuple[str, ...] = ("httpx-default", "httpx-pool64", "httpx-pool64-peek")
+HTTPX_CANDIDATES += ("httpx-aiohttp", "httpx2-pool64")  # httpx2: pydantic's fork, used by openai
 CANDIDATES = (*HTTPX_CANDIDATES, "aiohttp", "aiohttp-peek")
 
 
@@ -322,8 +322,8 @@ def main() -> None:
         return
     rows = run(args.duration, args.only or CANDIDATES)
     print(table(rows))
-    pkgs = ("httpx", "httpcore", "httpx2", "httpcore2", "httpx-aiohttp", "aiohttp", "uvicorn")
-    pkgs += ("uvloop", "httptools")
+    pkgs = {"httpx", "httpcore", "httpx2", "httpcore2", "httpx-aiohttp", "aiohttp", "uvicorn"}
+    pkgs |= {"uvloop", "httptools"}
     doc = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "nproc": os.cpu_count(),

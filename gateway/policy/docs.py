@@ -6,8 +6,10 @@ keeps the two identical.
 
 from __future__ import annotations
 
+import sys
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -64,7 +66,9 @@ def _human(value: Any, unit: str | None) -> str:
                 return f"{value // factor}{suffix}"
     if isinstance(value, str):
         return value
-    return "null" if value is None else repr(value).lower() if isinstance(value, bool) else repr(value)
+    return (
+        "null" if value is None else repr(value).lower() if isinstance(value, bool) else repr(value)
+    )
 
 
 def _default(field: Any) -> str:
@@ -110,8 +114,14 @@ def reference() -> str:
     for path, model in sections:
         title = path or "top level"
         doc = (model.__doc__ or "").strip().splitlines()[0]
-        lines += [f"#### `{title}`", "", doc, "", "| key | type | default | meaning |",
-                  "|---|---|---|---|"]
+        lines += [
+            f"#### `{title}`",
+            "",
+            doc,
+            "",
+            "| key | type | default | meaning |",
+            "|---|---|---|---|",
+        ]
         for name, field in model.model_fields.items():
             desc = " ".join((field.description or "").split()).replace("``", "`")
             desc = desc.replace("|", "\\|")
@@ -121,5 +131,16 @@ def reference() -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def write_readme(path: Path) -> None:
+    """Replace the reference between the markers in ``path``."""
+    text = path.read_text()
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    path.write_text(f"{head}{START}\n{reference()}{END}{tail}")
+
+
 if __name__ == "__main__":
-    print(reference(), end="")
+    if "--write" in sys.argv:
+        write_readme(Path(__file__).resolve().parents[2] / "README.md")
+    else:
+        print(reference(), end="")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -176,10 +177,8 @@ def test_upstream_connect_timeout_is_503(start_gateway: StartGateway) -> None:
     for _ in range(5):  # fill the accept backlog so further SYNs go unanswered
         c = socket.socket()
         c.setblocking(False)
-        try:
+        with contextlib.suppress(BlockingIOError):
             c.connect(("127.0.0.1", port))
-        except BlockingIOError:
-            pass
         filler.append(c)
     try:
         gw = start_gateway(POLICY, f"http://127.0.0.1:{port}")

@@ -56,7 +56,8 @@ def test_missing_upstream() -> None:
 def test_bad_size_and_version() -> None:
     assert problems("version: 2\nupstream: {url: http://x:1}\nmax_body_bytes: 1MB2\n") == [
         "policy.yaml:1: version: 2 is not allowed: 1",
-        "policy.yaml:3: max_body_bytes: '1MB2' is not a size (use e.g. 512KiB, 1MiB or a byte count)",
+        "policy.yaml:3: max_body_bytes: '1MB2' is not a size"
+        " (use e.g. 512KiB, 1MiB or a byte count)",
     ]
 
 

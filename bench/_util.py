@@ -2,24 +2,15 @@
 
 Everything here talks to 127.0.0.1 only and every load run is bounded in time.
 
-Public API:
+API: free_port, wait_port, start_nginx, stop_process, run_wrk, parse_wrk,
+load_get_post, median_by_rps, json_body, rss_mb.
 
-* :func:`free_port` -- an unused TCP port on 127.0.0.1.
-* :func:`wait_port` -- block until something accepts on 127.0.0.1:port.
-* :func:`start_nginx` -- a throw-away nginx (``static`` answers ``{"ok":true}``,
-  ``proxy`` forwards to 127.0.0.1:upstream_port over keep-alive).
-* :func:`stop_process` -- terminate a child, then kill it after a grace period.
-* :func:`run_wrk` -- closed-loop load with ``wrk`` (GET or a body method), or a
-  fixed-rate open-loop run when ``rate`` is given (see below).
-* :func:`rss_mb` -- resident set size of a process, from /proc/PID/status.
-
-Fixed rate: ``wrk2`` is not packaged in Debian, so ``run_wrk(..., rate=N)`` runs the
-open-loop generator of this module (asyncio + aiohttp, uvloop when present) in a
-subprocess (``python -m bench._util openloop ...``). It schedules request *i* at
-``t0 + i / rate`` and measures latency from that scheduled instant, so queueing
-behind a slow server is counted (no coordinated omission). ``connections`` caps the
-concurrent requests; its result carries ``"generator": "python-openloop"``. A
-single Python process tops out at a few thousand requests/s: check ``achieved_rps``.
+Fixed rate: ``wrk2`` is not in Debian, so ``run_wrk(..., rate=N)`` runs this module's
+open-loop generator (asyncio + aiohttp on uvloop) in a subprocess (``python -m
+bench._util openloop``): request *i* is due at ``t0 + i / rate`` and its latency counts
+from then, so queueing behind a slow server shows (no coordinated omission);
+``connections`` caps concurrency. Results say ``"generator": "python-openloop"``; one
+Python process tops out at a few thousand req/s, so check ``achieved_rps``.
 """
 
 from __future__ import annotations
@@ -206,6 +197,32 @@ def run_wrk(
             [*cmd, url], capture_output=True, text=True, timeout=duration_s + 30, check=True
         )
         return parse_wrk(proc.stdout)
+
+
+def load_get_post(
+    url: str, duration_s: int, body: bytes, warmup_s: int = 1, **wrk: Any
+) -> dict[str, dict[str, Any]]:
+    """``{"GET": ..., "POST": ...}``: :func:`run_wrk` results after a ``warmup_s`` run each.
+
+    Extra keyword arguments (``connections``, ``threads``, ``rate``) go to :func:`run_wrk`.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for method, data in (("GET", None), ("POST", body)):
+        if warmup_s > 0:
+            run_wrk(url, duration_s=warmup_s, method=method, body=data, **wrk)
+        out[method] = run_wrk(url, duration_s=duration_s, method=method, body=data, **wrk)
+    return out
+
+
+def median_by_rps(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """The sample with the median ``rps`` (the higher one of an even count)."""
+    return sorted(samples, key=lambda sample: float(sample["rps"]))[len(samples) // 2]
+
+
+def json_body(size: int = 1024) -> bytes:
+    """A chat-completion-like JSON document of exactly ``size`` bytes (at least 64)."""
+    head, tail = b'{"model":"m","messages":[{"role":"user","content":"', b'"}]}'
+    return head + b"x" * max(0, size - len(head) - len(tail)) + tail
 
 
 def rss_mb(pid: int) -> float:

@@ -29,7 +29,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from bench._util import free_port, rss_mb, run_wrk, start_nginx, stop_process, wait_port
+from bench import _util as bu
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -41,6 +41,7 @@ HOP_BY_HOP = frozenset(
     b"te trailer trailers transfer-encoding upgrade host".split()
 )
 SKIP_AUTO = ("Accept", "Accept-Encoding", "User-Agent")  # aiohttp must not add its own
+PATH = "/v1/chat/completions?x=1"
 RESULTS = Path(__file__).resolve().parent / "results" / "upstream_clients.json"
 HTTPX_CANDIDATES: tuple[str, ...] = ("httpx-default", "httpx-pool64", "httpx-pool64-peek")
 HTTPX_CANDIDATES += ("httpx-aiohttp", "httpx2-pool64")  # httpx2: pydantic's fork, used by openai
@@ -231,12 +232,6 @@ def serve(name: str, port: int, upstream_port: int) -> None:
                 server_header=False, date_header=False)  # fmt: skip
 
 
-def json_body(size: int = 1024) -> bytes:
-    """A chat-completion-like JSON document of exactly ``size`` bytes."""
-    head, tail = b'{"model":"m","messages":[{"role":"user","content":"', b'"}]}'
-    return head + b"x" * (size - len(head) - len(tail)) + tail
-
-
 def check_proxy(port: int, body: bytes) -> None:
     """One GET and one POST through the proxy must return nginx's 200 ``{"ok":true}``."""
     for data in (None, body):
@@ -245,16 +240,6 @@ def check_proxy(port: int, body: bytes) -> None:
             got = resp.read()
             if resp.status != 200 or got != b'{"ok":true}':
                 raise RuntimeError(f"proxy answered {resp.status} {got!r}")
-
-
-def measure(port: int, duration: int, body: bytes) -> dict[str, Any]:
-    """Warm up 1 s, then wrk GET and POST for ``duration`` s each."""
-    url = f"http://127.0.0.1:{port}/v1/chat/completions?x=1"
-    out: dict[str, Any] = {}
-    for method, data in (("GET", None), ("POST", body)):
-        run_wrk(url, duration_s=1, method=method, body=data)
-        out[method] = run_wrk(url, duration_s=duration, method=method, body=data)
-    return out
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -277,34 +262,55 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run(duration: int, names: Iterable[str]) -> list[dict[str, Any]]:
-    """Start nginx, measure it directly and through each candidate; one row per run."""
-    body = json_body()
-    rows: list[dict[str, Any]] = []
+def measure_candidate(name: str, up_port: int, duration: int, body: bytes) -> dict[str, Any]:
+    """Serve candidate ``name`` in a subprocess, check it, load it, stop it."""
+    print(f"... {name}", file=sys.stderr, flush=True)
+    port = bu.free_port()
+    cmd = [sys.executable, "-m", "bench.upstream_clients", "--serve", name]
+    cmd += ["--port", str(port), "--upstream-port", str(up_port)]
+    proxy = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent)
+    try:
+        bu.wait_port(port, 15)
+        check_proxy(port, body)
+        loads = bu.load_get_post(f"http://127.0.0.1:{port}{PATH}", duration, body)
+        return {**loads, "rss_mb": bu.rss_mb(proxy.pid)}
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        bu.stop_process(proxy)
+
+
+def run(duration: int, names: Iterable[str], rounds: int) -> list[dict[str, Any]]:
+    """Measure nginx directly and through each candidate, ``rounds`` interleaved sweeps.
+
+    Each row keeps every sample; its GET/POST figures are the median-rps sample
+    (the higher one of two), since this 2-core VM drifts by +-20 % between runs.
+    """
+    body = bu.json_body()
+    samples: dict[str, list[dict[str, Any]]] = {n: [] for n in ("direct", *names)}
     with tempfile.TemporaryDirectory(prefix="bench-upstream-") as tmp:
-        up_port = free_port()
-        nginx = start_nginx(up_port, "static", None, Path(tmp))
+        up_port = bu.free_port()
+        nginx = bu.start_nginx(up_port, "static", None, Path(tmp))
         try:
-            wait_port(up_port, 10)
-            rows.append({"name": "direct", **measure(up_port, duration, body)})
-            for name in names:
-                print(f"... {name}", file=sys.stderr, flush=True)
-                port = free_port()
-                cmd = [sys.executable, "-m", "bench.upstream_clients", "--serve", name]
-                cmd += ["--port", str(port), "--upstream-port", str(up_port)]
-                proxy = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent)
-                try:
-                    wait_port(port, 15)
-                    check_proxy(port, body)
-                    row = {"name": name, **measure(port, duration, body)}
-                    row["rss_mb"] = rss_mb(proxy.pid)
-                except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-                    row = {"name": name, "error": f"{type(exc).__name__}: {exc}"}
-                finally:
-                    stop_process(proxy)
-                rows.append(row)
+            bu.wait_port(up_port, 10)
+            for _ in range(rounds):
+                url = f"http://127.0.0.1:{up_port}{PATH}"
+                samples["direct"].append(bu.load_get_post(url, duration, body))
+                for name in names:
+                    samples[name].append(measure_candidate(name, up_port, duration, body))
         finally:
-            stop_process(nginx)
+            bu.stop_process(nginx)
+    rows: list[dict[str, Any]] = []
+    for name, runs in samples.items():
+        errors = [r["error"] for r in runs if "error" in r]
+        row: dict[str, Any] = {"name": name, "samples": runs}
+        if errors:
+            row["error"] = errors[0]
+        else:
+            row["GET"] = bu.median_by_rps([r["GET"] for r in runs])
+            row["POST"] = bu.median_by_rps([r["POST"] for r in runs])
+            row["rss_mb"] = max(r.get("rss_mb", 0.0) for r in runs)
+        rows.append(row)
     return rows
 
 
@@ -313,6 +319,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.upstream_clients")
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     parser.add_argument("--only", nargs="*", default=[], choices=CANDIDATES)
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved sweeps (median)")
     parser.add_argument("--serve", choices=CANDIDATES, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--upstream-port", type=int, help=argparse.SUPPRESS)
@@ -320,7 +327,7 @@ def main() -> None:
     if args.serve:
         serve(args.serve, args.port, args.upstream_port)
         return
-    rows = run(args.duration, args.only or CANDIDATES)
+    rows = run(args.duration, args.only or CANDIDATES, args.rounds)
     print(table(rows))
     pkgs = {"httpx", "httpcore", "httpx2", "httpcore2", "httpx-aiohttp", "aiohttp", "uvicorn"}
     pkgs |= {"uvloop", "httptools"}
@@ -329,7 +336,8 @@ def main() -> None:
         "nproc": os.cpu_count(),
         "python": platform.python_version(),
         "duration_s": args.duration,
-        "wrk": {"connections": 32, "threads": 2, "post_body_bytes": len(json_body())},
+        "rounds": args.rounds,
+        "wrk": {"connections": 32, "threads": 2, "post_body_bytes": len(bu.json_body())},
         "versions": {d.name: d.version for d in md.distributions() if d.name in pkgs},
         "results": rows,
     }

@@ -97,7 +97,7 @@ async def _deny(send: Send, ctx_id: str, deny: Deny, extra: Headers | None = Non
 def _bad_path(path: str) -> bool:
     # Routes are matched on the decoded path; dot segments or a NUL would let a client match
     # one route (a public one) while the upstream normalises to another (a protected one).
-    if "\x00" in path or "\\" in path:
+    if not path.startswith("/") or "\x00" in path or "\\" in path:
         return True
     return "/." in path and any(seg in (".", "..") for seg in path.split("/"))
 

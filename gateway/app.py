@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from multidict import CIMultiDict
+from opentelemetry.trace import SpanKind
 
 from gateway.asgi import Message, Receive, Scope, Send, send_simple
 from gateway.context import RequestContext
 from gateway.errors import BodyTooLarge, Deny, GatewayError, Headers, UpstreamError, error_response
 from gateway.headers import GATEWAY_SET, connection_tokens, is_hop_by_hop, request_id_from
 from gateway.headers import response_headers as clean_response_headers
-from gateway.pipeline import BodyFilter, Pipeline, ResponseHead
+from gateway.pipeline import BodyFilter, Pipeline, RequestStage, ResponseHead
 from gateway.telemetry import metrics
+from gateway.telemetry.tracing import Tracing, traceparent
 from gateway.upstream import UpstreamResponse
 
 log = logging.getLogger("gateway.proxy")
@@ -29,8 +32,9 @@ class GatewayApp:
     """The client-facing ASGI app. ``pipeline`` is replaced whole on reload; a request keeps
     the pipeline it started with until it ends."""
 
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, tracing: Tracing | None = None) -> None:
         self.pipeline = pipeline
+        self.tracing = tracing
         self._retired: set[Pipeline] = set()
 
     def swap(self, new: Pipeline) -> Pipeline:
@@ -54,32 +58,44 @@ class GatewayApp:
         pipeline = self.pipeline
         pipeline.inflight += 1
         metrics.IN_FLIGHT.inc()
-        state = _Sent()
+        state = _State()
         try:
-            await _handle(pipeline, scope, receive, _tracking(send, state))
+            await _handle(pipeline, self.tracing, scope, receive, _tracking(send, state), state)
         except Exception:
             log.exception("unhandled error", extra={"path": scope.get("path")})
             if not state.started:
-                rid = request_id_from(dict(scope["headers"]).get(b"x-request-id"))
-                status, headers, body = error_response(
-                    Deny(500, "internal_error", "the gateway failed to handle the request"), rid
-                )
+                ctx = state.ctx
+                rid = ctx.request_id if ctx else request_id_from(None)
+                deny = Deny(500, "internal_error", "the gateway failed to handle the request")
+                if ctx is not None:
+                    ctx.status = 500
+                status, headers, body = error_response(deny, rid, trace_id=_tid(ctx))
                 await send_simple(send, status, headers, body)
         finally:
+            if state.ctx is not None:
+                try:
+                    pipeline.recorder.finish(state.ctx)
+                except Exception:
+                    log.exception("recording a request failed")
             metrics.IN_FLIGHT.dec()
             pipeline.inflight -= 1
             if pipeline.retired and pipeline.inflight == 0 and pipeline in self._retired:
                 self._close_later(pipeline)
 
 
-class _Sent:
-    __slots__ = ("started",)
+class _State:
+    __slots__ = ("ctx", "started")
 
     def __init__(self) -> None:
         self.started = False
+        self.ctx: RequestContext | None = None
 
 
-def _tracking(send: Send, state: _Sent) -> Send:
+def _tid(ctx: RequestContext | None) -> str | None:
+    return ctx.trace_id if ctx is not None else None
+
+
+def _tracking(send: Send, state: _State) -> Send:
     async def tracked(message: Message) -> None:
         if message["type"] == "http.response.start":
             state.started = True
@@ -88,10 +104,34 @@ def _tracking(send: Send, state: _Sent) -> Send:
     return tracked
 
 
-async def _deny(send: Send, ctx_id: str, deny: Deny, extra: Headers | None = None) -> None:
+async def _deny(send: Send, ctx: RequestContext, deny: Deny) -> None:
     metrics.REQUEST_ERRORS.labels(deny.type).inc()
-    status, headers, body = error_response(deny, ctx_id, extra)
+    ctx.status = deny.status
+    status, headers, body = error_response(
+        deny, ctx.request_id, ctx.response_headers, trace_id=ctx.trace_id
+    )
     await send_simple(send, status, headers, body)
+
+
+async def _run_stages(
+    stages: list[RequestStage], ctx: RequestContext, tracing: Tracing | None
+) -> Deny | None:
+    span = ctx.span
+    traced = tracing is not None and span is not None and span.is_recording()
+    for stage in stages:
+        if traced:
+            assert tracing is not None and ctx.trace_context is not None
+            child = tracing.start_child(stage.name, ctx.trace_context)
+            try:
+                deny = await stage.on_request(ctx)
+            finally:
+                child.end()
+        else:
+            deny = await stage.on_request(ctx)
+        if deny is not None:
+            ctx.notes["denied_by"] = stage.name
+            return deny
+    return None
 
 
 def _bad_path(path: str) -> bool:
@@ -102,12 +142,20 @@ def _bad_path(path: str) -> bool:
     return "/." in path and any(seg in (".", "..") for seg in path.split("/"))
 
 
-async def _handle(pipeline: Pipeline, scope: Scope, receive: Receive, send: Send) -> None:
+async def _handle(
+    pipeline: Pipeline,
+    tracing: Tracing | None,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    state: _State,
+) -> None:
     raw_headers: Headers = scope["headers"]
     rid_raw = clen_raw = host = None
     chunked = False
     size = 0
     xff: list[bytes] = []
+    carrier: dict[str, str] = {}
     for k, v in raw_headers:
         size += len(k) + len(v) + 4
         if k == b"x-request-id":
@@ -120,33 +168,38 @@ async def _handle(pipeline: Pipeline, scope: Scope, receive: Receive, send: Send
             host = v
         elif k == b"x-forwarded-for":
             xff.append(v)
-    request_id = request_id_from(rid_raw)
-    if size > pipeline.max_headers:
-        msg = f"request headers are larger than {pipeline.max_headers} bytes"
-        return await _deny(send, request_id, Deny(431, "headers_too_large", msg))
+        elif k == b"traceparent" or k == b"tracestate":
+            carrier[k.decode()] = v.decode("latin-1")
     method: str = scope["method"]
     path: str = scope["path"]
-    if _bad_path(path):
-        return await _deny(send, request_id, Deny(400, "invalid_request", "invalid request path"))
     route = pipeline.router.match(method, path.replace("//", "/") if "//" in path else path)
     client = scope.get("client")
     peer = client[0] if client else "0.0.0.0"
     client_ip = pipeline.client_ip.resolve(peer, xff) if xff else peer
-    ctx = RequestContext(scope, request_id, route, method, path, client_ip, raw_headers)
+    ctx = RequestContext(
+        scope, request_id_from(rid_raw), route, method, path, client_ip, raw_headers
+    )
+    state.ctx = ctx
+    if tracing is not None:
+        _start_trace(tracing, ctx, carrier, peer)
+    if size > pipeline.max_headers:
+        msg = f"request headers are larger than {pipeline.max_headers} bytes"
+        return await _deny(send, ctx, Deny(431, "headers_too_large", msg))
+    if _bad_path(path):
+        return await _deny(send, ctx, Deny(400, "invalid_request", "invalid request path"))
 
-    for stage in route.before_body:
-        deny = await stage.on_request(ctx)
-        if deny is not None:
-            return await _deny(send, request_id, deny, ctx.response_headers)
+    deny = await _run_stages(route.before_body, ctx, tracing)
+    if deny is not None:
+        return await _deny(send, ctx, deny)
 
     clen: int | None = None
     if clen_raw is not None:
         if not clen_raw.isdigit():
-            return await _deny(send, request_id, Deny(400, "invalid_request", "bad Content-Length"))
+            return await _deny(send, ctx, Deny(400, "invalid_request", "bad Content-Length"))
         clen = int(clen_raw)
         if clen > pipeline.max_body:
             msg = f"request body is larger than {pipeline.max_body} bytes"
-            return await _deny(send, request_id, Deny(413, "body_too_large", msg))
+            return await _deny(send, ctx, Deny(413, "body_too_large", msg))
 
     body: bytes | _BodyStream | None = None
     has_body = chunked or (clen is not None and clen > 0)
@@ -154,10 +207,9 @@ async def _handle(pipeline: Pipeline, scope: Scope, receive: Receive, send: Send
         if route.needs_body:
             ctx.body = await _read_body(receive, pipeline.max_body) if has_body else b""
             body = ctx.body or None
-            for stage in route.after_body:
-                deny = await stage.on_request(ctx)
-                if deny is not None:
-                    return await _deny(send, request_id, deny, ctx.response_headers)
+            deny = await _run_stages(route.after_body, ctx, tracing)
+            if deny is not None:
+                return await _deny(send, ctx, deny)
         elif has_body:
             first = await receive()
             chunk = first.get("body", b"")
@@ -166,27 +218,62 @@ async def _handle(pipeline: Pipeline, scope: Scope, receive: Receive, send: Send
             more = first.get("more_body")
             body = _BodyStream(receive, chunk, pipeline.max_body) if more else chunk
     except BodyTooLarge as exc:
-        return await _deny(send, request_id, exc.deny())
+        return await _deny(send, ctx, exc.deny())
 
+    upstream_span = None
+    if tracing is not None and ctx.span is not None and ctx.span.is_recording():
+        assert ctx.trace_context is not None
+        upstream_span = tracing.start_child("upstream", ctx.trace_context, SpanKind.CLIENT)
     headers = _upstream_headers(pipeline, ctx, raw_headers, host, xff, peer, scope["scheme"])
+    if upstream_span is not None:
+        headers["traceparent"] = traceparent(upstream_span)
+    elif ctx.span is not None:
+        headers["traceparent"] = traceparent(ctx.span)
     target = scope.get("raw_path") or path.encode()
     qs: bytes = scope["query_string"]
     target_s = target.decode("latin-1") + ("?" + qs.decode("latin-1") if qs else "")
+    sent_at = time.perf_counter()
     try:
-        resp = await pipeline.upstream.request(method, target_s, headers, body)
-    except UpstreamError as exc:
-        if isinstance(body, _BodyStream) and body.error is not None:
-            if isinstance(body.error, BodyTooLarge):
-                return await _deny(send, request_id, body.error.deny())
-            return None  # the client left mid-body: nobody to answer
-        metrics.UPSTREAM_ERRORS.labels(exc.kind).inc()
-        return await _deny(send, request_id, exc.deny(), ctx.response_headers)
-    try:
-        await _respond(ctx, resp, receive, send, body is None or isinstance(body, bytes))
+        try:
+            resp = await pipeline.upstream.request(method, target_s, headers, body)
+        except UpstreamError as exc:
+            if isinstance(body, _BodyStream) and body.error is not None:
+                if isinstance(body.error, BodyTooLarge):
+                    return await _deny(send, ctx, body.error.deny())
+                ctx.status = 499  # the client left mid-body: nobody to answer
+                return None
+            metrics.UPSTREAM_ERRORS.labels(exc.kind).inc()
+            return await _deny(send, ctx, exc.deny())
+        ctx.upstream_seconds = time.perf_counter() - sent_at
+        try:
+            await _respond(ctx, resp, receive, send, body is None or isinstance(body, bytes))
+        finally:
+            resp.close(reusable=resp.error_kind is None)
+            if resp.error_kind is not None:
+                metrics.UPSTREAM_ERRORS.labels(resp.error_kind).inc()
     finally:
-        resp.close(reusable=resp.error_kind is None)
-        if resp.error_kind is not None:
-            metrics.UPSTREAM_ERRORS.labels(resp.error_kind).inc()
+        if upstream_span is not None:
+            upstream_span.end()
+
+
+def _start_trace(tracing: Tracing, ctx: RequestContext, carrier: dict[str, str], peer: str) -> None:
+    span, trace_context = tracing.start_server_span(
+        f"{ctx.method} {ctx.route.name}",
+        carrier,
+        {
+            "http.request.method": ctx.method,
+            "url.path": ctx.path,
+            "client.address": ctx.client_ip,
+            "network.peer.address": peer,
+            "gateway.request_id": ctx.request_id,
+        },
+    )
+    ctx.span = span
+    ctx.trace_context = trace_context
+    sc = span.get_span_context()
+    ctx.trace_id = f"{sc.trace_id:032x}"
+    ctx.span_id = f"{sc.span_id:016x}"
+    ctx.response_headers.append((b"traceparent", traceparent(span).encode()))
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes:

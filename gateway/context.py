@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from opentelemetry.context import Context
+    from opentelemetry.trace import Span
+
     from gateway.routes import CompiledRoute
 
 Headers = list[tuple[bytes, bytes]]
@@ -57,6 +60,14 @@ class RequestContext:
     status: int = 0
     notes: dict[str, Any] = field(default_factory=dict)
     """Outcomes of stages for logs and metrics (``{"guardrail": "block", ...}``)."""
+    span: Span | None = None
+    """The request's server span (None when tracing is not set up)."""
+    trace_context: Context | None = None
+    """Context carrying ``span``, the parent of stage and upstream spans."""
+    trace_id: str | None = None
+    span_id: str | None = None
+    upstream_seconds: float | None = None
+    """Time to the upstream's response headers."""
 
     def header(self, name: bytes) -> bytes | None:
         """First value of request header ``name`` (lower-case), or None."""

@@ -19,6 +19,8 @@ class Deny:
     type: str
     message: str
     headers: tuple[tuple[bytes, bytes], ...] = field(default=())
+    scope: str | None = None
+    """What was exceeded, for limits: ``ip``, ``tier``, ``route``, ``tokens`` or ``budget``."""
 
 
 class GatewayError(Exception):
@@ -54,19 +56,28 @@ class UpstreamError(GatewayError):
         self.kind = kind
 
 
-def error_body(type_: str, message: str, request_id: str) -> bytes:
-    """Serialise the error shape; messages are ours, never a library's or the client's input."""
-    return json.dumps(
-        {"error": {"type": type_, "message": message, "request_id": request_id}},
-        separators=(",", ":"),
-    ).encode()
+def error_body(
+    type_: str,
+    message: str,
+    request_id: str,
+    trace_id: str | None = None,
+    scope: str | None = None,
+) -> bytes:
+    """Serialise the error shape; messages are ours, never a library's or the client's input.
+    ``scope`` (limits only) names what was exceeded."""
+    error = {"type": type_, "message": message, "request_id": request_id}
+    if scope is not None:
+        error["scope"] = scope
+    if trace_id is not None:
+        error["trace_id"] = trace_id
+    return json.dumps({"error": error}, separators=(",", ":")).encode()
 
 
 def error_response(
-    deny: Deny, request_id: str, extra: Headers | None = None
+    deny: Deny, request_id: str, extra: Headers | None = None, trace_id: str | None = None
 ) -> tuple[int, Headers, bytes]:
     """Status, headers and body of the JSON error answer for ``deny``."""
-    body = error_body(deny.type, deny.message, request_id)
+    body = error_body(deny.type, deny.message, request_id, trace_id, deny.scope)
     headers: Headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),

@@ -17,6 +17,7 @@ from gateway.context import RequestContext
 from gateway.errors import Deny, Headers
 from gateway.policy.schema import Policy
 from gateway.routes import OTHER, CompiledRoute, Router
+from gateway.telemetry.recorder import Recorder
 from gateway.upstream import Upstream
 
 log = logging.getLogger("gateway.pipeline")
@@ -133,6 +134,7 @@ class Pipeline:
         trusted = policy.rate_limits.trusted_proxies if policy.rate_limits else []
         self.client_ip = ClientIpResolver(trusted)
         self.strip_headers = frozenset(self.build.strip_headers)
+        self.recorder = Recorder(policy)
         self.max_body = policy.max_body_bytes
         self.max_headers = policy.max_header_bytes
         self.inflight = 0

@@ -24,6 +24,8 @@ from gateway.reload import Reloader
 from gateway.stages import FACTORIES
 from gateway.telemetry import metrics
 from gateway.telemetry.logging import setup_logging
+from gateway.telemetry.request_metrics import CONNECTIONS
+from gateway.telemetry.tracing import Tracing
 
 log = logging.getLogger("gateway.server")
 
@@ -91,13 +93,16 @@ async def serve(path: Path, overrides: Overrides = Overrides()) -> int:
     pipeline = build_pipeline(policy)
     await pipeline.start()
     metrics.POLICY_INFO.set_to_current_time()
-    app = GatewayApp(pipeline)
+    tracing = Tracing(policy.telemetry)
+    app = GatewayApp(pipeline, tracing)
     admin = AdminApp(lambda: app.pipeline)
     main = _Server(
         uvicorn_config(app, policy.listen, timeout_graceful_shutdown=policy.drain_timeout)
     )
     admin_srv = _Server(uvicorn_config(admin, policy.admin_listen))
     reloader = Reloader(path, app, build)
+    CONNECTIONS.service = policy.telemetry.service_name
+    CONNECTIONS.count = lambda: len(main.server_state.connections)
 
     loop = asyncio.get_running_loop()
 
@@ -129,5 +134,6 @@ async def serve(path: Path, overrides: Overrides = Overrides()) -> int:
         admin_srv.should_exit = True
         await admin_task
         await app.pipeline.close()
+        await asyncio.get_running_loop().run_in_executor(None, tracing.shutdown)
     log.info("gateway stopped")
     return 0

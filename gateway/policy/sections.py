@@ -57,6 +57,23 @@ class StateConfig(Section):
     """Per-operation timeout of the store."""
     replicas: int = Field(default=1, ge=1)
     """How many sidecars share the store; used by ``on_error: local``."""
+    password: SecretRef | None = None
+    """Password of the store (and of its sentinels): ``{env: NAME}`` or ``{file: PATH}``;
+    never written in ``url``."""
+    key_prefix: str = Field(default="gw", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    """Prefix of every key; give each service its own when several share one Redis."""
+    breaker_failures: int = Field(default=3, ge=1)
+    """Consecutive store failures that open the circuit breaker: requests then skip the store
+    (``on_error`` decides at once) until a background ping succeeds."""
+    breaker_probe: Duration = 1.0
+    """While the breaker is open, the store is pinged this often; the first answer closes it."""
+
+    @model_validator(mode="after")
+    def _no_inline_password(self) -> StateConfig:
+        netloc = self.url.split("://", 1)[1].split("/", 1)[0]
+        if ":" in netloc.rpartition("@")[0]:
+            raise ValueError("no password in state.url: use state.password: {env: NAME}")
+        return self
 
 
 class ForwardHeaders(Section):
@@ -126,6 +143,9 @@ class RateLimitConfig(Section):
     """LLM tokens per user by tier, e.g. ``{free: 20000/day}``."""
     daily_budget_usd: dict[str, float] = Field(default_factory=dict)
     """Cost budget per user and UTC day by tier, e.g. ``{free: 0.50}``."""
+    default_max_tokens: int = Field(default=1024, ge=1)
+    """Completion tokens reserved for an LLM request that sets no ``max_tokens`` (the real
+    usage of the answer is what is charged in the end)."""
 
 
 class InputGuardConfig(Section):
@@ -197,11 +217,16 @@ class TelemetryConfig(Section):
     service_name: str = "gateway"
     """``service.name`` of spans and the ``service`` metric label."""
     otlp_endpoint: str | None = None
-    """OTLP endpoint; the standard ``OTEL_EXPORTER_OTLP_*`` variables otherwise."""
+    """OTLP endpoint (``http://collector:4318``); the standard ``OTEL_EXPORTER_OTLP_*``
+    variables otherwise; no export when neither is set (trace ids are still propagated)."""
+    otlp_protocol: Literal["http/protobuf", "grpc"] | None = None
+    """OTLP protocol; ``OTEL_EXPORTER_OTLP_PROTOCOL`` or ``http/protobuf`` when unset."""
     sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
     """Parent-based trace sampling ratio."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    """Level of the JSON logs."""
+    """Level of the JSON logs (one ``info`` line per request)."""
+    access_log: bool = True
+    """Write one JSON line per request."""
 
 
 class TlsServer(Section):

@@ -60,6 +60,30 @@ JWKS_AGE = Gauge(
     registry=REGISTRY,
 )
 
+RATELIMIT_REJECTIONS = Counter(
+    "gateway_ratelimit_rejections_total",
+    "Requests refused by a limit, by scope (ip, tier, route, tokens, budget).",
+    ["scope"],
+    registry=REGISTRY,
+)
+STATE_ERRORS = Counter(
+    "gateway_state_errors_total",
+    "Failed or timed-out operations of the counter store, by operation (hit, settle, ping).",
+    ["op"],
+    registry=REGISTRY,
+)
+STATE_DEGRADED = Gauge(
+    "gateway_state_degraded",
+    "1 while the counter store's circuit breaker is open and limits follow state.on_error.",
+    registry=REGISTRY,
+)
+STATE_FALLBACK = Counter(
+    "gateway_state_fallback_total",
+    "Requests decided without the shared counter store, by state.on_error (allow, deny, local).",
+    ["mode"],
+    registry=REGISTRY,
+)
+
 
 def render() -> bytes:
     """The Prometheus text exposition of all gateway metrics."""

@@ -1,0 +1,99 @@
+"""OpenTelemetry tracing: W3C trace context in and out, one server span per request.
+
+Set up once per process (a reload keeps the provider: ``telemetry`` changes need a restart).
+Export is OTLP over HTTP/protobuf or gRPC through a batch processor, so exporting never blocks
+or fails a request: when the queue is full, spans are dropped. Without an endpoint (policy or
+``OTEL_EXPORTER_OTLP_*``) nothing is recorded, but trace ids are still taken from the client
+or made up, propagated upstream and returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
+from opentelemetry.trace import Span, SpanKind
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from gateway.policy.sections import TelemetryConfig
+
+log = logging.getLogger("gateway.tracing")
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+
+
+def _exporter(cfg: TelemetryConfig) -> SpanExporter | None:
+    endpoint = cfg.otlp_endpoint
+    env_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT"
+    )
+    if not endpoint and not env_endpoint:
+        return None
+    protocol = cfg.otlp_protocol or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as G
+
+        return G(endpoint=endpoint) if endpoint else G()
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as H
+
+    if endpoint:
+        return H(endpoint=endpoint.rstrip("/") + "/v1/traces")
+    return H()
+
+
+class Tracing:
+    """The process's tracer, sampler and propagator."""
+
+    def __init__(self, cfg: TelemetryConfig) -> None:
+        exporter = _exporter(cfg)
+        sampler = ParentBased(TraceIdRatioBased(cfg.sample_ratio) if exporter else ALWAYS_OFF)
+        self.provider = TracerProvider(
+            sampler=sampler, resource=Resource.create({"service.name": cfg.service_name})
+        )
+        if exporter is not None:
+            self.provider.add_span_processor(
+                BatchSpanProcessor(
+                    exporter,
+                    max_queue_size=4096,
+                    schedule_delay_millis=1000,
+                    export_timeout_millis=5000,
+                )
+            )
+        self.tracer = self.provider.get_tracer("gateway")
+        self.exporting = exporter is not None
+
+    def start_server_span(
+        self, name: str, carrier: dict[str, str], attributes: dict[str, Any]
+    ) -> tuple[Span, Context]:
+        """The request's server span (child of the client's ``traceparent`` when valid)."""
+        parent = _PROPAGATOR.extract(carrier) if carrier else None
+        span = self.tracer.start_span(
+            name, context=parent, kind=SpanKind.SERVER, attributes=attributes
+        )
+        return span, trace.set_span_in_context(span)
+
+    def start_child(self, name: str, parent: Context, kind: SpanKind = SpanKind.INTERNAL) -> Span:
+        """A child span of the request (a stage, the upstream call)."""
+        return self.tracer.start_span(name, context=parent, kind=kind)
+
+    def shutdown(self) -> None:
+        """Flush what is queued (bounded by the exporter's timeout)."""
+        self.provider.shutdown()
+
+
+def traceparent(span: Span) -> str:
+    """The W3C ``traceparent`` header value for ``span``."""
+    sc = span.get_span_context()
+    return f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{int(sc.trace_flags):02x}"
+
+
+def trace_id(span: Span) -> str:
+    """The trace id as 32 hex digits."""
+    return f"{span.get_span_context().trace_id:032x}"

@@ -1,0 +1,132 @@
+"""Traces, metrics and logs of a real gateway process, read back from their real outputs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Callable, Iterator
+
+import aiohttp
+import httpx
+import pytest
+
+from tests.otlp_receiver import OtlpReceiver
+from tests.procs import Gateway, MockLLM
+
+StartGateway = Callable[..., Gateway]
+
+POLICY = """
+version: 1
+upstream: {url: "{upstream}"}
+cost:
+  models: {mock-gpt: {input_per_1k: 0.5, output_per_1k: 1.0}}
+telemetry: {service_name: dialogue, otlp_endpoint: "OTLP", sample_ratio: 1.0}
+routes:
+  - {name: chat, path: /v1/chat/completions, methods: [POST], layer: layer3}
+  - {name: echo, path: /echo}
+"""
+
+CLIENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
+CLIENT_SPAN = "b7ad6b7169203331"
+
+
+@pytest.fixture
+def otlp() -> Iterator[OtlpReceiver]:
+    receiver = OtlpReceiver()
+    yield receiver
+    receiver.stop()
+
+
+@pytest.fixture
+def gw(start_gateway: StartGateway, mock_llm: MockLLM, otlp: OtlpReceiver) -> Gateway:
+    return start_gateway(POLICY.replace("OTLP", otlp.url), mock_llm.url)
+
+
+def test_one_trace_from_client_through_gateway_to_upstream(gw: Gateway, otlp: OtlpReceiver) -> None:
+    resp = httpx.get(
+        f"{gw.url}/echo/t",
+        headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01", "tracestate": "k=v"},
+    )
+    upstream_tp = resp.json()["headers"]["traceparent"]
+    assert upstream_tp.split("-")[1] == CLIENT_TRACE
+    assert resp.headers["traceparent"].split("-")[1] == CLIENT_TRACE
+    assert resp.json()["headers"]["tracestate"] == "k=v"
+    spans = otlp.wait_for(2)
+    assert otlp.service_names == {"dialogue"}
+    server = next(s for s in spans if s["kind"] == 2)  # SPAN_KIND_SERVER
+    client = next(s for s in spans if s["name"] == "upstream")
+    assert server["trace_id"] == client["trace_id"] == CLIENT_TRACE
+    assert server["parent_span_id"] == CLIENT_SPAN
+    assert client["parent_span_id"] == server["span_id"]
+    assert upstream_tp.split("-")[2] == client["span_id"]  # the upstream's parent is our span
+    assert server["attributes"]["http.request.method"] == "GET"
+    assert server["attributes"]["http.response.status_code"] == 200
+
+
+def test_new_trace_when_absent_and_ids_in_error_bodies(gw: Gateway) -> None:
+    resp = httpx.get(f"{gw.url}/echo/x", headers={"x-big": "a" * 20_000})
+    body = resp.json()["error"]
+    assert resp.status_code == 431
+    assert body["trace_id"] == resp.headers["traceparent"].split("-")[1]
+    assert body["request_id"] == resp.headers["x-request-id"]
+    assert len(body["trace_id"]) == 32 and body["trace_id"] != CLIENT_TRACE
+
+
+def test_llm_call_spans_metrics_and_log(gw: Gateway, otlp: OtlpReceiver) -> None:
+    secret_prompt = "the secret prompt text 12345"
+    body = {"model": "mock-gpt", "messages": [{"role": "user", "content": secret_prompt}]}
+    token = "Bearer eyJhbGciOiJIUzI1NiJ9.e30.sig-should-never-be-logged"
+    resp = httpx.post(
+        f"{gw.url}/v1/chat/completions",
+        json=body,
+        headers={"Authorization": token, "Cookie": "session=abc"},
+    )
+    assert resp.status_code == 200
+    metrics = httpx.get(f"{gw.admin}/metrics").text
+    assert 'http_requests_total{endpoint="chat",method="POST",status="200"} 1.0' in metrics
+    assert 'http_request_duration_seconds_bucket{endpoint="chat",le="0.001",method="POST"}' in (
+        metrics
+    )
+    assert 'active_connections{service="dialogue"}' in metrics
+    lines = [json.loads(line) for line in gw.log().splitlines() if line.startswith("{")]
+    access = [r for r in lines if r.get("logger") == "gateway.access"]
+    assert access, lines
+    rec = access[-1]
+    assert rec["request_id"] == resp.headers["x-request-id"]
+    assert rec["trace_id"] == resp.headers["traceparent"].split("-")[1]
+    assert rec["route"] == "chat" and rec["status"] == 200 and rec["method"] == "POST"
+    log_text = gw.log()
+    assert secret_prompt not in log_text
+    assert "sig-should-never-be-logged" not in log_text and "session=abc" not in log_text
+    server = next(s for s in otlp.wait_for(2) if s["kind"] == 2)
+    assert server["name"] == "POST chat"
+
+
+async def _random_traffic(base: str, n: int) -> None:
+    rng = random.Random(7)
+    conn = aiohttp.TCPConnector(limit=32)
+    async with aiohttp.ClientSession(connector=conn) as session:
+        sem = asyncio.Semaphore(32)
+
+        async def one(i: int) -> None:
+            async with sem:
+                path = f"/r{rng.randrange(10**9)}/{i}"
+                method = rng.choice(["GET", "POST", "FOO", "PURGE"])
+                data = json.dumps({"model": f"model-{rng.randrange(10**9)}", "messages": []})
+                async with session.request(method, base + path, data=data) as r:
+                    await r.read()
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+
+
+def series(metrics: str) -> set[str]:
+    return {line.split(" ")[0] for line in metrics.splitlines() if line and line[0] != "#"}
+
+
+def test_random_paths_methods_and_models_add_no_series(gw: Gateway) -> None:
+    asyncio.run(_random_traffic(gw.url, 200))
+    before = series(httpx.get(f"{gw.admin}/metrics").text)
+    asyncio.run(_random_traffic(gw.url, 10_000))
+    after = series(httpx.get(f"{gw.admin}/metrics").text)
+    assert after == before, sorted(after - before)[:20]

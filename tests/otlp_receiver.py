@@ -81,3 +81,33 @@ class OtlpReceiver:
         """Shut the server down."""
         self._server.shutdown()
         self._server.server_close()
+
+
+class OtlpGrpcReceiver(OtlpReceiver):
+    """The same collection over OTLP/gRPC (the TraceService ``Export`` call)."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        import grpc
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.spans = []
+        self.service_names = set()
+        receiver = self
+
+        class Service(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request: Any, context: Any) -> ExportTraceServiceResponse:
+                receiver._collect(request)
+                return ExportTraceServiceResponse()
+
+        self._grpc = grpc.server(ThreadPoolExecutor(max_workers=2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), self._grpc)
+        self._grpc.add_insecure_port(f"127.0.0.1:{self.port}")
+        self._grpc.start()
+
+    def stop(self) -> None:
+        """Shut the server down."""
+        self._grpc.stop(grace=None)

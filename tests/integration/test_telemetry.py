@@ -11,8 +11,8 @@ import aiohttp
 import httpx
 import pytest
 
-from tests.otlp_receiver import OtlpReceiver
-from tests.procs import Gateway, MockLLM
+from tests.otlp_receiver import OtlpGrpcReceiver, OtlpReceiver
+from tests.procs import Gateway, MockLLM, free_port
 
 StartGateway = Callable[..., Gateway]
 
@@ -130,3 +130,31 @@ def test_random_paths_methods_and_models_add_no_series(gw: Gateway) -> None:
     asyncio.run(_random_traffic(gw.url, 10_000))
     after = series(httpx.get(f"{gw.admin}/metrics").text)
     assert after == before, sorted(after - before)[:20]
+
+
+def test_export_over_grpc(start_gateway: StartGateway, mock_llm: MockLLM) -> None:
+    receiver = OtlpGrpcReceiver()
+    try:
+        policy = POLICY.replace(
+            'otlp_endpoint: "OTLP"', f'otlp_endpoint: "{receiver.url}", otlp_protocol: grpc'
+        )
+        gw = start_gateway(policy, mock_llm.url)
+        resp = httpx.get(f"{gw.url}/echo/g")
+        spans = receiver.wait_for(2)
+        trace = resp.headers["traceparent"].split("-")[1]
+        assert {s["trace_id"] for s in spans} == {trace}
+        assert {s["name"] for s in spans} >= {"GET echo", "upstream"}
+    finally:
+        receiver.stop()
+
+
+def test_exporter_down_never_fails_or_slows_requests(
+    start_gateway: StartGateway, mock_llm: MockLLM
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    gw = start_gateway(POLICY.replace("OTLP", dead), mock_llm.url)
+    with httpx.Client() as client:
+        for _ in range(200):
+            resp = client.get(f"{gw.url}/echo/d", timeout=2)
+            assert resp.status_code == 200
+            assert resp.elapsed.total_seconds() < 1.0

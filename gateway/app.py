@@ -375,7 +375,11 @@ async def _respond(
     if any(f.buffer for f in filters):
         return await _respond_buffered(resp, head, filters, send)
     if not filters and clen is not None and clen <= SMALL_BODY:
-        payload = await resp.read() if clen else b""
+        try:
+            payload = await resp.read() if clen else b""
+        except UpstreamError as exc:
+            resp.error_kind = exc.kind  # nothing sent yet: the client gets a clean 502
+            return await _deny(send, ctx, exc.deny())
         return await send_simple(send, head.status, head.headers, payload)
     await send({"type": "http.response.start", "status": head.status, "headers": head.headers})
     watch = body_done and _is_event_stream(head.headers)

@@ -1,7 +1,7 @@
 """A misbehaving HTTP/1.1 upstream for fault tests, run on a thread's own event loop.
 
 Paths choose the behaviour: ``/slow`` waits 10 s before answering, ``/reset`` sends a chunked
-head and two chunks then resets the connection, ``/garbage`` answers a non-HTTP line,
+head and two chunks then resets the connection, ``/garbage`` answers a non-HTTP line, ``/short`` declares 100 bytes and sends 9,
 ``/ok`` answers 200 at once.
 """
 
@@ -66,6 +66,11 @@ class RawUpstream:
             sock = writer.get_extra_info("socket")
             if sock is not None:  # RST instead of FIN: an abrupt crash
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            return
+        elif path.startswith(b"/short"):
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this")
+            await writer.drain()
             writer.transport.abort()
             return
         elif path.startswith(b"/garbage"):

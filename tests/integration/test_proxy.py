@@ -206,6 +206,12 @@ def test_upstream_garbage_is_502(start_gateway: StartGateway, raw_upstream: RawU
     assert resp.status_code == 502 and resp.json()["error"]["type"].startswith("upstream_")
 
 
+def test_upstream_short_body_is_502(start_gateway: StartGateway, raw_upstream: RawUpstream) -> None:
+    gw = start_gateway(POLICY, raw_upstream.url)
+    assert_error(httpx.get(f"{gw.url}/short"), 502, "upstream_reset")
+    assert "Traceback" not in gw.log()
+
+
 def test_upstream_reset_mid_stream_ends_client_stream(
     start_gateway: StartGateway, raw_upstream: RawUpstream
 ) -> None:

@@ -14,7 +14,11 @@ RUN python -m venv /opt/gateway \
 FROM python:3.11-slim-bookworm
 COPY --from=build /opt/gateway /opt/gateway
 COPY policies /etc/gateway/policies
-RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin gateway
+# A fixed uid/gid (10001, as the Kubernetes manifests' runAsUser) with a matching group;
+# --no-log-init keeps lastlog/faillog from growing with the uid.
+RUN groupadd --system --gid 10001 gateway \
+ && useradd --system --uid 10001 --gid 10001 --no-log-init --no-create-home \
+      --home-dir /nonexistent --shell /usr/sbin/nologin gateway
 ENV PATH=/opt/gateway/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1

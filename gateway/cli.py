@@ -32,6 +32,9 @@ def _run(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         print(exc, file=sys.stderr)
         return 1
+    except ValueError as exc:  # a policy that loads but cannot be built (missing secret, ...)
+        print(f"gateway run: {exc}", file=sys.stderr)
+        return 1
 
 
 def _loop_run(coro: object) -> int:

@@ -117,8 +117,9 @@ class Gateway(Proc):
             wait_http(f"{self.admin}/healthz", proc=self.popen)
             wait_tcp(self.port, proc=self.popen)
         except Exception as exc:
+            output = self.log()
             self.stop()
-            raise RuntimeError(f"gateway did not start: {exc}\n{self.log()}") from None
+            raise RuntimeError(f"gateway did not start: {exc}\n{output}") from None
 
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
         """Current value of a sample on /metrics (0 when absent)."""

@@ -1,10 +1,11 @@
 """The JWKS fetcher: keys from the identity provider over HTTPS, kept fresh, never hammered.
 
-* Fetched at start, then every ``jwks_refresh`` (sooner, every ``min(refresh, max(cooldown,
-  1s))``, while the last attempt failed), and on an unknown ``kid`` at most once per
-  ``jwks_cooldown`` whatever the number of such tokens: a flood of random ``kid`` values
-  costs the identity provider one request per cooldown. Requests needing that refetch share
-  it and wait for it (at most :data:`FETCH_TIMEOUT`).
+* Fetched at start (pipeline start waits for it, at most :data:`FETCH_TIMEOUT`; a failure
+  does not stop the gateway, ``/readyz`` reports it), then every ``jwks_refresh`` (every
+  ``min(refresh, max(cooldown, 1s))`` while the last attempt failed), and on an unknown
+  ``kid`` at most once per ``jwks_cooldown`` whatever the number of such tokens: a flood of
+  random ``kid`` values costs the identity provider one request per cooldown. Requests
+  needing that refetch share it and wait for it (at most :data:`FETCH_TIMEOUT`).
 * HTTPS only (the policy schema refuses other URLs), verified against ``jwks_ca`` or the
   system trust store; redirects are not followed; documents over 1 MiB are refused.
 * When a fetch fails the last good key set is kept until ``jwks_max_stale`` after the last

@@ -56,6 +56,9 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique, parse_constant=_no_constant)
+
+
 def _b64(segment: bytes) -> bytes:
     return base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4))
 
@@ -63,7 +66,7 @@ def _b64(segment: bytes) -> bytes:
 def json_segment(segment: bytes) -> dict[str, Any]:
     """Decode a base64url JSON object strictly (unique keys, no NaN); raises ``malformed``."""
     try:
-        data = json.loads(_b64(segment), object_pairs_hook=_unique, parse_constant=_no_constant)
+        data = _DECODER.decode(_b64(segment).decode("utf-8"))
     except (ValueError, RecursionError):
         raise TokenError("malformed") from None
     if not isinstance(data, dict):

@@ -6,7 +6,9 @@
 * Answers: no token → 401 ``missing_token`` with ``WWW-Authenticate: Bearer realm="gateway"``;
   a bad one → 401 ``invalid_token`` (``error="invalid_token"``), the message naming the kind;
   a tier outside the route's ``auth.tiers`` (or no known tier) → 403 ``insufficient_scope``;
-  JWKS keys unavailable → 503 ``auth_unavailable``.
+  JWKS keys unavailable → 503 ``auth_unavailable`` with ``Retry-After: 5``. Failures are
+  counted in ``gateway_auth_failures_total{reason}`` (a public route's missing token is not
+  a failure).
 * On a public route (``required: false``) a valid token still yields the identity and its
   headers; a missing or bad one lets the request through anonymously (``auth.tiers`` only
   applies to routes that require a token).
@@ -84,12 +86,11 @@ class AuthStage:
                 if raw is not None:
                     return self._fail("malformed")
                 raw = v
-        if raw is None:
-            return self._fail("missing_token")
+        if raw is None or (len(raw) <= self.max_bytes and raw[:7].lower() != b"bearer "):
+            # No Bearer token: normal on a public route, so not counted as a failure there.
+            return self._fail("missing_token") if self.required else None
         if len(raw) > self.max_bytes:
             return self._fail("token_too_large")
-        if raw[:7].lower() != b"bearer ":
-            return self._fail("missing_token")
         token = raw[7:].strip(b" ")
         try:
             verified = self.verifier.verify(token)

@@ -12,6 +12,9 @@ CONFIG_RELOADS = Counter(
     ["result"],
     registry=REGISTRY,
 )
+for _result in ("success", "failure"):  # series exist from the start, so increase() sees the first
+    CONFIG_RELOADS.labels(_result)
+
 UPSTREAM_ERRORS = Counter(
     "gateway_upstream_errors_total",
     "Upstream failures by kind (refused, connect_timeout, timeout, reset, protocol).",

@@ -206,10 +206,10 @@ async def _handle(
     try:
         if route.needs_body:
             ctx.body = await _read_body(receive, pipeline.max_body) if has_body else b""
-            body = ctx.body or None
             deny = await _run_stages(route.after_body, ctx, tracing)
             if deny is not None:
                 return await _deny(send, ctx, deny)
+            body = ctx.body or None  # after the stages: a guardrail may have rewritten it
         elif has_body:
             first = await receive()
             chunk = first.get("body", b"")
@@ -225,6 +225,10 @@ async def _handle(
         assert ctx.trace_context is not None
         upstream_span = tracing.start_child("upstream", ctx.trace_context, SpanKind.CLIENT)
     headers = _upstream_headers(pipeline, ctx, raw_headers, host, xff, peer, scope["scheme"])
+    if isinstance(body, bytes):
+        headers.popall(
+            "Content-Length", None
+        )  # the client sets it from the (maybe rewritten) bytes
     if upstream_span is not None:
         headers["traceparent"] = traceparent(upstream_span)
     elif ctx.span is not None:

@@ -213,13 +213,17 @@ def check(
         "free_admitted_max": allowed_free,
         "injections": injections,
         "injections_blocked": blocked,
+        "gateway_400": _sum(metrics, "http_requests_total", 'status="400"'),
     }
     summary["checks"] = {
         "no_5xx": five_xx == 0,
         "no_locust_failures": summary["locust_failures"] == 0,
         "counts_agree": gateway_total == total,
         "limits_honoured": free_429 > 0 and free - free_429 <= allowed_free,
-        "guardrail_fired": injections > 0 and blocked == injections,
+        # one prompt may hit several rules: each hit is counted, the answer is one 400
+        "guardrail_fired": injections > 0
+        and summary["gateway_400"] == injections
+        and blocked >= injections,
         "auth_refusals_agree": summary["gateway_401"] == bad_tokens,
     }
     return summary

@@ -1,7 +1,8 @@
 """A misbehaving HTTP/1.1 upstream for fault tests, run on a thread's own event loop.
 
 Paths choose the behaviour: ``/slow`` waits 10 s before answering, ``/reset`` sends a chunked
-head and two chunks then resets the connection, ``/garbage`` answers a non-HTTP line, ``/short`` declares 100 bytes and sends 9,
+head and two chunks then resets the connection, ``/garbage`` answers a non-HTTP line,
+``/short`` declares 100 bytes and sends 9,
 ``/ok`` answers 200 at once.
 """
 

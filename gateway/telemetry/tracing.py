@@ -40,12 +40,13 @@ def _exporter(cfg: TelemetryConfig) -> SpanExporter | None:
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as G
 
-        return G(endpoint=endpoint) if endpoint else G()
+        return G(endpoint=endpoint, timeout=2) if endpoint else G(timeout=2)
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as H
 
+    # A short timeout bounds how long a shutdown flush waits for a collector that is gone.
     if endpoint:
-        return H(endpoint=endpoint.rstrip("/") + "/v1/traces")
-    return H()
+        return H(endpoint=endpoint.rstrip("/") + "/v1/traces", timeout=2)
+    return H(timeout=2)
 
 
 class Tracing:
@@ -63,7 +64,7 @@ class Tracing:
                     exporter,
                     max_queue_size=4096,
                     schedule_delay_millis=1000,
-                    export_timeout_millis=5000,
+                    export_timeout_millis=2000,
                 )
             )
         self.tracer = self.provider.get_tracer("gateway")

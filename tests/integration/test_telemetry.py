@@ -39,7 +39,8 @@ def otlp() -> Iterator[OtlpReceiver]:
 
 
 @pytest.fixture
-def gw(start_gateway: StartGateway, mock_llm: MockLLM, otlp: OtlpReceiver) -> Gateway:
+def gw(otlp: OtlpReceiver, start_gateway: StartGateway, mock_llm: MockLLM) -> Gateway:
+    # otlp first: it is torn down last, so the gateway can flush its spans on shutdown
     return start_gateway(POLICY.replace("OTLP", otlp.url), mock_llm.url)
 
 

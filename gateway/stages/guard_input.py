@@ -1,0 +1,160 @@
+"""The input guardrail stage: prompts checked before they reach the service.
+
+For each prompt field (see :mod:`gateway.guard.extract`): over ``max_chars`` → refuse or
+truncate; the normalised view (:mod:`gateway.text`) is matched against the rules (packs and
+inline, compiled once per policy load); the verdict's action applies:
+
+* ``block`` → 400 ``prompt_rejected`` naming the rule id, never echoing the prompt;
+* ``sanitize`` → the matched text is cut from the forwarded field (plus control characters with
+  ``strip_control``); if the rule still matches the normalised view afterwards (the match was an
+  evasion the original text does not show literally), the prompt is blocked instead;
+* ``monitor`` → counted and logged only.
+
+A rewritten body is serialised again (compact JSON; the app sends it with its own
+``Content-Length``); rewritten query parameters are encoded again. Untouched requests are
+forwarded byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+from gateway.context import RequestContext
+from gateway.errors import Deny
+from gateway.guard import extract, outcome
+from gateway.guard.engine import RuleSet, Verdict, compile_one
+from gateway.guard.packs import resolve
+from gateway.pipeline import BuildContext, Phase
+from gateway.policy.sections import InputGuardConfig
+from gateway.routes import CompiledRoute
+from gateway.text import normalise, strip_control
+
+SEVERITY = ("monitor", "sanitize", "block")
+_BLOCKED = ((outcome.HEADER, b"block"),)
+
+
+def _rejected(rule: str) -> Deny:
+    return Deny(
+        400, "prompt_rejected", f"the prompt was rejected by guardrail rule {rule}", _BLOCKED
+    )
+
+
+class InputGuardStage:
+    """Checks the prompt fields of one route's requests."""
+
+    name = "guard_input"
+    phase = Phase.INPUT_GUARD
+
+    def __init__(self, cfg: InputGuardConfig) -> None:
+        self.cfg = cfg
+        self.needs_body = cfg.format != "none"
+        self.rules = RuleSet(resolve(cfg.rules, cfg.action), SEVERITY)
+        self.spans = {
+            r.id: compile_one(r.pattern) for r in self.rules.rules if r.action == "sanitize"
+        }
+        self.paths = [extract.compile_path(p) for p in cfg.json_paths]
+        self.roles = frozenset(cfg.roles) if cfg.roles is not None else None
+        self.params = frozenset(cfg.query_params)
+        self.decode = tuple(cfg.decode)
+        self.strip = cfg.strip_control and cfg.action == "sanitize"
+        self.too_long = _rejected("max_chars")
+
+    def verdict(self, text: str) -> Verdict | None:
+        """The rules' verdict on one prompt text (what ``on_request`` decides per field)."""
+        return self.rules.scan(normalise(text, self.decode))
+
+    def _slots(self, ctx: RequestContext) -> tuple[list[extract.Slot], Any, list[list[str]]]:
+        doc: Any = None
+        slots: list[extract.Slot] = []
+        body = ctx.body
+        if body and self.cfg.format == "text":
+            doc = [body.decode("utf-8", "replace")]
+            slots.append(extract.Slot(doc, 0, doc[0]))
+        elif body and self.needs_body:
+            doc = extract.parse_body(body, self.cfg.max_depth)
+            if self.cfg.format == "openai":
+                slots = extract.openai_slots(doc, self.roles)
+            elif self.cfg.format == "anthropic":
+                slots = extract.anthropic_slots(doc, self.roles)
+            else:
+                slots = extract.path_slots(doc, self.paths)
+        pairs: list[list[str]] = []
+        qs = ctx.scope.get("query_string", b"")
+        if self.params and qs:
+            pairs = [[k, v] for k, v in parse_qsl(qs.decode("latin-1"), keep_blank_values=True)]
+            slots.extend(extract.query_slots(pairs, self.params))
+        return slots, doc, pairs
+
+    async def on_request(self, ctx: RequestContext) -> Deny | None:
+        """Check every prompt field; deny, rewrite or let the request go on."""
+        try:
+            slots, doc, pairs = self._slots(ctx)
+        except extract.BadBody as exc:
+            return Deny(400, "invalid_request", str(exc))
+        changed = False
+        for slot in slots:
+            deny, new = self._check(ctx, slot.text)
+            if deny is not None:
+                return deny
+            if new is not None:
+                slot.set(new)
+                changed = True
+        if changed:
+            self._rewrite(ctx, doc, pairs)
+        outcome.set_header(ctx.response_headers, ctx)
+        return None
+
+    def _check(self, ctx: RequestContext, text: str) -> tuple[Deny | None, str | None]:
+        """The Deny for one field, or its rewritten text (None: unchanged)."""
+        cfg = self.cfg
+        new = strip_control(text) if self.strip else text
+        if cfg.max_chars is not None and len(new) > cfg.max_chars:
+            if cfg.on_too_long == "truncate":
+                outcome.record(ctx, "input", [("max_chars", "truncate")])
+                new = new[: cfg.max_chars]
+            elif cfg.action == "monitor":
+                outcome.record(ctx, "input", [("max_chars", "monitor")])
+            else:
+                outcome.record(ctx, "input", [("max_chars", "block")])
+                return self.too_long, None
+        verdict = self.verdict(new)
+        if verdict is not None:
+            if verdict.action == "sanitize":
+                new = self._sanitize(new, verdict.hits)
+                again = self.rules.scan(normalise(new, self.decode))
+                if again is not None and again.action != "monitor":
+                    outcome.record(ctx, "input", [(again.rule, "block")])
+                    return _rejected(again.rule), None
+            outcome.record(ctx, "input", verdict.hits)
+            if verdict.action == "block":
+                return _rejected(verdict.rule), None
+        return None, (new if new != text else None)
+
+    def _sanitize(self, text: str, hits: tuple[tuple[str, str], ...]) -> str:
+        for rule, action in hits:
+            regex = self.spans.get(rule)
+            if action == "sanitize" and regex is not None:
+                text = regex.sub("", text)
+        return text
+
+    def _rewrite(self, ctx: RequestContext, doc: Any, pairs: list[list[str]]) -> None:
+        if self.cfg.format == "text" and isinstance(doc, list):
+            ctx.body = doc[0].encode()
+        elif doc is not None:
+            ctx.body = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+        if pairs:
+            ctx.scope["query_string"] = urlencode([(k, v) for k, v in pairs]).encode()
+
+
+def build_input_guard_stages(route: CompiledRoute, build: BuildContext) -> list[Any]:
+    """The input guardrail stage of ``route``, when its guardrails have an ``input`` section."""
+    cfg = route.guardrails.input if route.guardrails is not None else None
+    if cfg is None:
+        return []
+    key = "guard.input " + cfg.model_dump_json()  # routes with the same section share one
+    stage = build.shared.get(key)
+    if not isinstance(stage, InputGuardStage):
+        stage = build.shared[key] = InputGuardStage(cfg)
+    return [stage]

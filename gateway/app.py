@@ -252,7 +252,7 @@ async def _handle(
         try:
             await _respond(ctx, resp, receive, send, body is None or isinstance(body, bytes))
         finally:
-            resp.close(reusable=resp.error_kind is None)
+            resp.close(reusable=resp.error_kind is None and not resp.abandoned)
             if resp.error_kind is not None:
                 metrics.UPSTREAM_ERRORS.labels(resp.error_kind).inc()
     finally:
@@ -410,6 +410,9 @@ async def _pump(resp: UpstreamResponse, filters: list[BodyFilter], send: Send) -
             chunk = await f.on_chunk(chunk)
         if chunk:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        if filters and any(getattr(f, "finished", False) for f in filters):
+            resp.abandoned = True  # a filter ended the answer (e.g. a guardrail stopped it)
+            break
     tail = b""
     for f in filters:
         tail = await f.on_chunk(tail) if tail else tail

@@ -57,7 +57,9 @@ class ResponseHead:
 
 class BodyFilter(Protocol):
     """Sees an answer's body. With ``buffer`` the whole body comes in one ``on_chunk`` call
-    before the head is sent, so the filter may change ``head``; otherwise chunks stream."""
+    before the head is sent, so the filter may change ``head``; otherwise chunks stream.
+    A streaming filter may also have a ``finished`` attribute: once it is true, the gateway
+    stops reading the upstream, drops that connection and ends the answer with ``on_end``."""
 
     buffer: bool
 

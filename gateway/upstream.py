@@ -47,7 +47,7 @@ def translate(exc: BaseException) -> UpstreamError:
 class UpstreamResponse:
     """An upstream answer being streamed; always ``close()`` it."""
 
-    __slots__ = ("_resp", "error_kind", "headers", "status")
+    __slots__ = ("_resp", "abandoned", "error_kind", "headers", "status")
 
     def __init__(self, resp: aiohttp.ClientResponse) -> None:
         self._resp = resp
@@ -55,6 +55,8 @@ class UpstreamResponse:
         self.headers = resp.raw_headers
         #: Set when the body stream broke off (reset, timeout): the client's stream just ends.
         self.error_kind: str | None = None
+        #: Set when the gateway stopped reading before the end: the connection is dropped.
+        self.abandoned = False
 
     @property
     def content_length(self) -> int | None:
@@ -78,7 +80,7 @@ class UpstreamResponse:
 
     def close(self, reusable: bool = True) -> None:
         """Return the connection to the pool, or drop it when the body was not read to the end."""
-        if reusable and self.error_kind is None:
+        if reusable and self.error_kind is None and not self.abandoned:
             self._resp.release()
         else:
             self._resp.close()

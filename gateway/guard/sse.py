@@ -105,6 +105,11 @@ class SseGuard:
         self.holdback = checker.cfg.stream_holdback
         self.s = _State()
 
+    @property
+    def finished(self) -> bool:
+        """True once the stream was stopped: the gateway stops reading the upstream."""
+        return self.s.done
+
     async def on_chunk(self, chunk: bytes) -> bytes:
         """Parse whole events out of ``chunk``; return what may be sent now."""
         s = self.s

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -191,6 +192,22 @@ def test_pattern_split_across_sse_chunks_is_caught(gw: Gateway) -> None:
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
     assert text == "Sure! Sorry, I can't help with that."  # "<scr" never reached the client
     assert chunks[-1]["choices"][0]["finish_reason"] == "content_filter"
+
+
+def test_stopped_stream_ends_without_waiting_for_the_upstream(gw: Gateway) -> None:
+    # 10 chunks at 0.4 s each: the violation is in the 3rd, the answer must not wait for all.
+    body = _chat("hi [[unsafe]]", stream=True)
+    started = time.monotonic()
+    with httpx.stream(
+        "POST",
+        f"{gw.url}/v1/chat/completions",
+        json=body,
+        timeout=30,
+        headers={"X-Mock-Latency": "0.4"},
+    ) as resp:
+        raw = b"".join(resp.iter_bytes())
+    assert raw.rstrip().endswith(b"data: [DONE]")
+    assert time.monotonic() - started < 3.0
 
 
 @pytest.mark.timeout(60)

@@ -17,7 +17,7 @@ from gateway.headers import GATEWAY_SET, connection_tokens, is_hop_by_hop, reque
 from gateway.headers import response_headers as clean_response_headers
 from gateway.pipeline import BodyFilter, Pipeline, RequestStage, ResponseHead
 from gateway.telemetry import metrics
-from gateway.telemetry.tracing import Tracing, traceparent
+from gateway.telemetry.tracing import Tracing, light_context, traceparent
 from gateway.upstream import UpstreamResponse
 
 log = logging.getLogger("gateway.proxy")
@@ -233,6 +233,8 @@ async def _handle(
         headers["traceparent"] = traceparent(upstream_span)
     elif ctx.span is not None:
         headers["traceparent"] = traceparent(ctx.span)
+    elif ctx.traceparent is not None:
+        headers["traceparent"] = ctx.traceparent
     target = scope.get("raw_path") or path.encode()
     qs: bytes = scope["query_string"]
     target_s = target.decode("latin-1") + ("?" + qs.decode("latin-1") if qs else "")
@@ -261,6 +263,13 @@ async def _handle(
 
 
 def _start_trace(tracing: Tracing, ctx: RequestContext, carrier: dict[str, str], peer: str) -> None:
+    if not tracing.exporting:
+        # Nothing is recorded: propagate ids without the SDK's span machinery (~8% of CPU).
+        tid, sid, flags = light_context(carrier.get("traceparent"))
+        ctx.trace_id, ctx.span_id = tid, sid
+        ctx.traceparent = f"00-{tid}-{sid}-{flags}"
+        ctx.response_headers.append((b"traceparent", ctx.traceparent.encode()))
+        return
     span, trace_context = tracing.start_server_span(
         f"{ctx.method} {ctx.route.name}",
         carrier,

@@ -66,6 +66,8 @@ class RequestContext:
     """Context carrying ``span``, the parent of stage and upstream spans."""
     trace_id: str | None = None
     span_id: str | None = None
+    traceparent: str | None = None
+    """Our ``traceparent`` (sent upstream and returned), when no span is recorded."""
     upstream_seconds: float | None = None
     """Time to the upstream's response headers."""
 

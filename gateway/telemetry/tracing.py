@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Any
 
 from opentelemetry import trace
@@ -87,6 +88,19 @@ class Tracing:
     def shutdown(self) -> None:
         """Flush what is queued (bounded by the exporter's timeout)."""
         self.provider.shutdown()
+
+
+_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+
+
+def light_context(header: str | None) -> tuple[str, str, str]:
+    """(trace id, new span id, flags) without the SDK, for when nothing is exported: the
+    client's trace id when its ``traceparent`` is valid, a new one otherwise."""
+    m = _TRACEPARENT.match(header) if header else None
+    span_id = os.urandom(8).hex()
+    if m and m.group(1) != "0" * 32 and m.group(2) != "0" * 16:
+        return m.group(1), span_id, m.group(3)
+    return os.urandom(16).hex(), span_id, "00"
 
 
 def traceparent(span: Span) -> str:

@@ -159,3 +159,18 @@ def test_exporter_down_never_fails_or_slows_requests(
             resp = client.get(f"{gw.url}/echo/d", timeout=2)
             assert resp.status_code == 200
             assert resp.elapsed.total_seconds() < 1.0
+
+
+def test_ids_propagate_without_an_exporter(start_gateway: StartGateway, mock_llm: MockLLM) -> None:
+    gw = start_gateway("version: 1\nupstream: {url: '{upstream}'}\n", mock_llm.url)
+    tp = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
+    resp = httpx.get(f"{gw.url}/echo/n", headers={"traceparent": tp})
+    upstream = resp.json()["headers"]["traceparent"].split("-")
+    returned = resp.headers["traceparent"].split("-")
+    assert upstream[1] == returned[1] == CLIENT_TRACE
+    assert upstream[2] == returned[2] != CLIENT_SPAN  # our span id, the client's trace
+    assert upstream[3] == "01"
+    fresh = httpx.get(f"{gw.url}/echo/n", headers={"traceparent": "00-garbage"})
+    new_trace = fresh.headers["traceparent"].split("-")[1]
+    assert len(new_trace) == 32 and new_trace != CLIENT_TRACE
+    assert fresh.json()["headers"]["traceparent"].split("-")[1] == new_trace

@@ -68,6 +68,8 @@ class RequestContext:
     span_id: str | None = None
     traceparent: str | None = None
     """Our ``traceparent`` (sent upstream and returned), when no span is recorded."""
+    prompt_texts: list[str] | None = None
+    """The prompt fields the input guardrail read (for the opt-in prompt log only)."""
     upstream_seconds: float | None = None
     """Time to the upstream's response headers."""
 

@@ -5,9 +5,9 @@ Every field carries a docstring: they are the policy reference in the docs.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gateway.policy.types import Cidr, Duration, HostPort, Rate, SecretRef, Size
 
@@ -58,8 +58,8 @@ class StateConfig(Section):
     replicas: int = Field(default=1, ge=1)
     """How many sidecars share the store; used by ``on_error: local``."""
     password: SecretRef | None = None
-    """Password of the store (and of its sentinels): ``{env: NAME}`` or ``{file: PATH}``;
-    never written in ``url``."""
+    """Password of the Redis data nodes (sentinels are asked without one): ``{env: NAME}`` or
+    ``{file: PATH}``; never written in ``url``."""
     key_prefix: str = Field(default="gw", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
     """Prefix of every key; give each service its own when several share one Redis."""
     breaker_failures: int = Field(default=3, ge=1)
@@ -148,40 +148,189 @@ class RateLimitConfig(Section):
     usage of the answer is what is charged in the end)."""
 
 
+class GuardRule(Section):
+    """One entry of a guardrail ``rules`` list: a rule pack by name, or an inline rule.
+
+    Written as a pack name (``prompt-injection``), a pack with options
+    (``{pack: waf, action: monitor, exclude: [sqli-comment]}``) or an inline rule
+    (``{id: no-secrets, pattern: 'api[_-]?key', action: block}``).
+    """
+
+    pack: str | None = None
+    """A shipped rule pack: ``prompt-injection``, ``waf`` or ``unsafe-markup``."""
+    id: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+    """Inline rule id: the ``rule`` label of metrics and the id named in rejections."""
+    pattern: str | None = None
+    """Inline rule pattern (RE2 syntax, matched case-insensitively on the normalised text)."""
+    score: float = Field(default=1.0, gt=0.0, le=1.0)
+    """1 decides alone; a smaller score is a signal that decides together with other matching
+    signals once their scores add up to 1."""
+    description: str | None = None
+    """What the inline rule catches (for people; not used)."""
+    exclude: list[str] = Field(default_factory=list)
+    """With ``pack``: ids of the pack's rules to leave out."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pack_name(cls, data: Any) -> Any:
+        return {"pack": data} if isinstance(data, str) else data
+
+    @field_validator("pack")
+    @classmethod
+    def _known_pack(cls, value: str | None) -> str | None:
+        if value is not None:
+            from gateway.guard.packs import PackError, load_pack
+
+            try:
+                load_pack(value)
+            except PackError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            from gateway.guard.engine import check_pattern
+
+            problem = check_pattern(value)
+            if problem is not None:
+                raise ValueError(problem)
+        return value
+
+    @model_validator(mode="after")
+    def _pack_or_inline(self) -> GuardRule:
+        if self.pack is not None:
+            if self.id is not None or self.pattern is not None:
+                raise ValueError("give either pack or id and pattern, not both")
+            from gateway.guard.packs import load_pack
+
+            known = {r.id for r in load_pack(self.pack)}
+            unknown = [rid for rid in self.exclude if rid not in known]
+            if unknown:
+                raise ValueError(f"exclude: {unknown} are not rules of pack {self.pack!r}")
+        elif self.id is None or self.pattern is None:
+            raise ValueError("an inline rule needs id and pattern (or name a pack)")
+        elif self.exclude:
+            raise ValueError("exclude only applies to a pack")
+        return self
+
+
+class InputRule(GuardRule):
+    """A rule on prompts."""
+
+    action: Literal["block", "sanitize", "monitor"] | None = None
+    """What a match does; the section's ``action`` when unset."""
+
+
+class OutputRule(GuardRule):
+    """A rule on answers."""
+
+    action: Literal["replace", "block", "monitor"] | None = None
+    """What a match does; the section's ``action`` when unset."""
+
+
+Decoding = Literal["url", "base64", "html"]
+_INPUT_DECODE: tuple[Decoding, ...] = ("url", "base64")
+_OUTPUT_DECODE: tuple[Decoding, ...] = ("html", "url")
+
+
+def _check_paths(paths: list[str]) -> list[str]:
+    from gateway.guard.extract import check_path
+
+    for path in paths:
+        check_path(path)
+    return paths
+
+
 class InputGuardConfig(Section):
     """Checks on prompts before they reach the service."""
 
-    format: Literal["openai", "anthropic", "json_paths", "none"] = "openai"
-    """Where the prompt text is in the body."""
+    format: Literal["openai", "anthropic", "json_paths", "text", "none"] = "openai"
+    """Where the prompt text is in the body: ``openai`` (messages[].content, text parts,
+    tool_calls arguments, ``prompt``), ``anthropic`` (``system``, messages[].content blocks),
+    ``json_paths``, ``text`` (the whole body, e.g. forms for the ``waf`` pack) or ``none``
+    (query parameters only). A body that is not valid JSON → 400 ``invalid_request``."""
     json_paths: list[str] = Field(default_factory=list)
-    """With ``format: json_paths``: JSONPath-like paths such as ``$.player_input``."""
+    """With ``format: json_paths``: paths such as ``$.player_input``, ``$.turns[*].text`` or
+    ``$.meta.*``; every string at or under the path is checked."""
+    roles: list[str] | None = None
+    """With ``openai``/``anthropic``: message roles checked (``[user, tool]`` leaves your own
+    system prompt out); all roles when unset."""
     query_params: list[str] = Field(default_factory=list)
-    """Query parameters checked as well."""
+    """Query parameters checked as well; ``"*"`` checks every parameter name and value."""
     max_chars: int | None = Field(default=None, ge=1)
-    """Longest prompt text."""
+    """Longest prompt text, per field (one message, one path's value, one parameter)."""
+    on_too_long: Literal["refuse", "truncate"] = "refuse"
+    """Over ``max_chars``: 400 ``prompt_rejected`` (rule ``max_chars``), or cut the text to
+    ``max_chars`` and forward it."""
+    max_depth: int = Field(default=32, ge=1, le=256)
+    """Deepest JSON nesting accepted; deeper → 400 ``invalid_request``."""
     strip_control: bool = True
     """Remove control characters before checking (and forwarding with ``sanitize``)."""
-    rules: list[str | dict[str, str]] = Field(default_factory=list)
+    decode: list[Decoding] = Field(default_factory=lambda: list(_INPUT_DECODE))
+    """Encodings looked through: URL-encoded text and base64 runs are decoded and checked too
+    (``html`` entities as well when listed)."""
+    rules: list[InputRule] = Field(default_factory=list)
     """Rule packs by name (``prompt-injection``, ``waf``) or inline ``{id, pattern, action}``."""
     action: Literal["block", "sanitize", "monitor"] = "block"
-    """What a match does."""
+    """What a match does: ``block`` (400 ``prompt_rejected`` naming the rule id), ``sanitize``
+    (the matched text and control characters are removed from what is forwarded; a match only
+    visible in the normalised text blocks) or ``monitor`` (metric and log only)."""
+
+    @field_validator("json_paths")
+    @classmethod
+    def _valid_paths(cls, value: list[str]) -> list[str]:
+        return _check_paths(value)
+
+    @model_validator(mode="after")
+    def _paths_with_format(self) -> InputGuardConfig:
+        if self.format == "json_paths" and not self.json_paths:
+            raise ValueError("format: json_paths needs json_paths")
+        return self
 
 
 class OutputGuardConfig(Section):
     """Checks on answers before they reach the client."""
 
+    format: Literal["auto", "openai", "anthropic", "json_paths"] = "auto"
+    """Where the answer text is: ``auto`` recognises OpenAI (chat and completions) and
+    Anthropic answers and streams; ``json_paths`` reads ``json_paths`` of JSON answers."""
+    json_paths: list[str] = Field(default_factory=list)
+    """With ``format: json_paths``: paths of the answer text, e.g. ``$.npc_reply``."""
     max_chars: int | None = Field(default=None, ge=1)
     """Longest answer text."""
-    rules: list[str | dict[str, str]] = Field(default_factory=list)
+    rules: list[OutputRule] = Field(default_factory=list)
     """Rule packs by name (``unsafe-markup``) or inline ``{id, pattern, action}``."""
     fallback: str = "Sorry, I can't help with that."
     """Text substituted for an unsafe answer."""
     action: Literal["replace", "block", "monitor"] = "replace"
-    """What a violation does."""
+    """What a violation does: ``replace`` (the offending text becomes ``fallback`` in the same
+    place; OpenAI ``finish_reason: content_filter``), ``block`` (502 ``unsafe_response``) or
+    ``monitor`` (metric and log only). The answer carries ``X-Guardrail-Action``."""
     image_hosts: list[str] = Field(default_factory=list)
     """Hosts markdown images may point at; others count as exfiltration."""
     mask_pii: bool = False
     """Mask e-mail addresses, phone numbers and card numbers in answers."""
+    skip_code: bool = True
+    """Markup inside markdown code blocks and code spans is displayed, not rendered: leave it
+    out of the markup rules (answers about HTML stay possible)."""
+    decode: list[Decoding] = Field(default_factory=lambda: list(_OUTPUT_DECODE))
+    """Encodings looked through in answers (HTML entities and URL encoding by default)."""
+    stream_holdback: int = Field(default=64, ge=0, le=4096)
+    """Characters of a streamed answer held back until the text after them is checked, so a
+    pattern split across chunks is caught before any part of it is sent."""
+
+    @field_validator("json_paths")
+    @classmethod
+    def _valid_paths(cls, value: list[str]) -> list[str]:
+        return _check_paths(value)
+
+    @model_validator(mode="after")
+    def _paths_with_format(self) -> OutputGuardConfig:
+        if self.format == "json_paths" and not self.json_paths:
+            raise ValueError("format: json_paths needs json_paths")
+        return self
 
 
 class GuardrailsConfig(Section):
@@ -227,6 +376,9 @@ class TelemetryConfig(Section):
     """Level of the JSON logs (one ``info`` line per request)."""
     access_log: bool = True
     """Write one JSON line per request."""
+    log_prompts: int = Field(default=0, ge=0, le=4096)
+    """For debugging only: write the first N characters of the prompt (as read by the input
+    guardrail) into the request's log line. 0, the default, never logs prompt text."""
 
 
 class TlsServer(Section):

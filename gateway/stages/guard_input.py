@@ -93,6 +93,7 @@ class InputGuardStage:
             slots, doc, pairs = self._slots(ctx)
         except extract.BadBody as exc:
             return Deny(400, "invalid_request", str(exc))
+        ctx.prompt_texts = [slot.text for slot in slots]  # logged only if telemetry opts in
         changed = False
         for slot in slots:
             deny, new = self._check(ctx, slot.text)

@@ -87,6 +87,14 @@ STATE_FALLBACK = Counter(
     registry=REGISTRY,
 )
 
+GUARDRAIL_ACTIONS = Counter(
+    "gateway_guardrail_actions_total",
+    "Guardrail rule hits by stage (input, output), rule id from the policy (or max_chars, "
+    "unreadable, pii) and action taken (block, sanitize, truncate, monitor, replace, mask).",
+    ["stage", "rule", "action"],
+    registry=REGISTRY,
+)
+
 
 def render() -> bytes:
     """The Prometheus text exposition of all gateway metrics."""

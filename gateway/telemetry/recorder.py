@@ -24,6 +24,7 @@ class Recorder:
         self.service = policy.telemetry.service_name
         self.models = frozenset(policy.cost.models) if policy.cost else frozenset()
         self.log_requests = policy.telemetry.access_log
+        self.log_prompts = policy.telemetry.log_prompts
         self._requests: dict[tuple[str, str, int], Any] = {}
         self._durations: dict[tuple[str, str], Any] = {}
 
@@ -101,4 +102,6 @@ class Recorder:
             )
         if ctx.notes:
             fields.update(ctx.notes)
+        if self.log_prompts and ctx.prompt_texts:
+            fields["prompt"] = "\n".join(ctx.prompt_texts)[: self.log_prompts]
         return fields

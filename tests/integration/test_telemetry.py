@@ -23,7 +23,11 @@ cost:
   models: {mock-gpt: {input_per_1k: 0.5, output_per_1k: 1.0}}
 telemetry: {service_name: dialogue, otlp_endpoint: "OTLP", sample_ratio: 1.0}
 routes:
-  - {name: chat, path: /v1/chat/completions, methods: [POST], layer: layer3}
+  - name: chat
+    path: /v1/chat/completions
+    methods: [POST]
+    layer: layer3
+    guardrails: {input: {format: openai, rules: [prompt-injection]}}
   - {name: echo, path: /echo}
 """
 
@@ -174,3 +178,17 @@ def test_ids_propagate_without_an_exporter(start_gateway: StartGateway, mock_llm
     new_trace = fresh.headers["traceparent"].split("-")[1]
     assert len(new_trace) == 32 and new_trace != CLIENT_TRACE
     assert fresh.json()["headers"]["traceparent"].split("-")[1] == new_trace
+
+
+def test_opt_in_prompt_log_is_truncated(start_gateway: StartGateway, mock_llm: MockLLM) -> None:
+    policy = POLICY.replace("sample_ratio: 1.0}", "sample_ratio: 1.0, log_prompts: 12}")
+    policy = policy.replace('otlp_endpoint: "OTLP", ', "")
+    gw = start_gateway(policy, mock_llm.url)
+    body = {
+        "model": "mock-gpt",
+        "messages": [{"role": "user", "content": "tell me a story please"}],
+    }
+    assert httpx.post(f"{gw.url}/v1/chat/completions", json=body).status_code == 200
+    access = [json.loads(x) for x in gw.log().splitlines() if '"gateway.access"' in x]
+    assert access[-1]["prompt"] == "tell me a st"
+    assert "story please" not in gw.log()

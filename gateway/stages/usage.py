@@ -1,0 +1,123 @@
+"""The usage stage: reads the LLM usage of each answer, prices it and settles reservations.
+
+It runs last among response stages (phase ``USAGE``) on routes that have token or budget
+limits, an inference ``layer``, or when the policy has a ``cost`` table. Its body filter
+streams (``buffer = False``): JSON answers are collected up to 4 MiB and read at the end;
+event streams are scanned line by line for ``data:`` lines carrying ``usage`` (OpenAI sends
+it with ``stream_options.include_usage``; Anthropic in ``message_start``/``message_delta``).
+
+At the end of the body it fills ``ctx.usage`` (model, tokens, cost, ``estimated`` when the
+answer reported nothing) and settles the rate-limit stage's reservation: the difference
+between the real usage and the reserved estimate goes to the token and budget counters in one
+background round trip, so the client never waits for it. An error answer (4xx/5xx) without
+usage refunds the reservation; a 2xx answer without usage keeps the estimate as the charge.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.context import RequestContext
+from gateway.llm.usage import JsonUsage, Prices, SseUsage, Tokens
+from gateway.pipeline import BuildContext, Phase, ResponseHead
+from gateway.routes import CompiledRoute
+from gateway.stages.ratelimit import RESERVATION, Reservation, micro_usd
+from gateway.store import Counter, SharedState
+
+
+def _kind(head: ResponseHead) -> str | None:
+    for k, v in head.headers:
+        if k == b"content-type":
+            if v.startswith(b"text/event-stream"):
+                return "sse"
+            if b"json" in v:
+                return "json"
+            return None
+    return None
+
+
+class UsageFilter:
+    """Watches one answer's body; passes every chunk through unchanged."""
+
+    buffer = False
+
+    def __init__(
+        self, stage: UsageStage, ctx: RequestContext, status: int, scanner: JsonUsage | SseUsage
+    ) -> None:
+        self.stage = stage
+        self.ctx = ctx
+        self.status = status
+        self.scanner = scanner
+
+    async def on_chunk(self, chunk: bytes) -> bytes:
+        """Scan and pass through."""
+        if chunk:
+            self.scanner.feed(chunk)
+        return chunk
+
+    async def on_end(self) -> bytes:
+        """Record the usage and settle; adds nothing to the body."""
+        self.stage.finish(self.ctx, self.status, self.scanner.result())
+        return b""
+
+
+class UsageStage:
+    """Usage, cost and settlement for one route."""
+
+    name = "usage"
+    phase = Phase.USAGE
+
+    def __init__(self, prices: Prices, state: SharedState | None) -> None:
+        self.prices = prices
+        self.state = state
+
+    def on_response(self, ctx: RequestContext, head: ResponseHead) -> UsageFilter | None:
+        """A filter for JSON and event-stream answers; others settle at once."""
+        kind = _kind(head)
+        if kind is None:
+            self.finish(ctx, head.status, None)
+            return None
+        scanner = SseUsage() if kind == "sse" else JsonUsage()
+        return UsageFilter(self, ctx, head.status, scanner)
+
+    def finish(self, ctx: RequestContext, status: int, tokens: Tokens | None) -> None:
+        """Fill ``ctx.usage`` and settle the reservation, if any."""
+        res: Reservation | None = ctx.notes.pop(RESERVATION, None)
+        usage = ctx.usage
+        if tokens is not None:
+            usage.model = tokens.model or usage.model
+            usage.input_tokens, usage.output_tokens = tokens.input, tokens.output
+            usage.estimated = False
+        elif res is not None and status < 400:
+            usage.input_tokens = res.estimate.prompt_tokens
+            usage.output_tokens = res.estimate.max_tokens
+            usage.estimated = True
+        else:
+            if res is not None:
+                self._settle(res, 0, 0)  # an error answer without usage: nothing was used
+            return
+        usage.cost_usd = self.prices.cost(usage.model, usage.input_tokens, usage.output_tokens)
+        if res is not None and tokens is not None:
+            self._settle(res, tokens.input + tokens.output, micro_usd(usage.cost_usd))
+
+    def _settle(self, res: Reservation, tokens: int, micro: int) -> None:
+        if self.state is None:
+            return
+        fixes = [_delta(c, tokens) for c in res.tokens]
+        if res.budget is not None:
+            fixes.append(_delta(res.budget, micro))
+        self.state.settle([c for c in fixes if c.amount], res.local)
+
+
+def _delta(c: Counter, actual: int) -> Counter:
+    return Counter(c.key, c.limit, c.period_ms, actual - c.amount, c.fixed)
+
+
+def build_usage_stages(route: CompiledRoute, build: BuildContext) -> list[Any]:
+    """The usage stage where usage matters: LLM limits, an inference layer, or prices."""
+    cfg = route.rate_limits
+    limited = cfg is not None and bool(cfg.tokens_per_tier or cfg.daily_budget_usd)
+    if not (limited or route.layer or build.policy.cost):
+        return []
+    state = SharedState.of(build) if limited else None
+    return [UsageStage(Prices(build.policy.cost), state)]

@@ -1,0 +1,191 @@
+"""The Redis store: redis://, rediss://, redis+sentinel:// and redis+cluster://.
+
+The only module that imports redis-py. Every batch is one ``EVALSHA`` of
+:data:`gateway.store.script.LIMIT_SCRIPT` under one overall timeout (``state.timeout``),
+with redis-py's own retries off: the circuit breaker, not a retry loop, handles an outage.
+Every library error becomes a :class:`StoreError`.
+
+Cluster: a script may only touch keys of one hash slot. The keys of one identity share a
+hash tag (``{u:alice}``, ``{ip:…}``, ``{r:chat}``), so a request touches at most three slots;
+each slot gets its script call, all in parallel (one round-trip time). When one slot refuses,
+the counts just made on the others are taken back with a second call (only on refusals).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any, cast
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+from redis.crc import key_slot
+
+from gateway.store.base import Counter, StoreError, Verdict
+from gateway.store.script import LIMIT_SCRIPT
+
+Client = Redis | RedisCluster
+
+
+def _hosts(netloc: str, default_port: int) -> list[tuple[str, int]]:
+    out = []
+    for part in netloc.rpartition("@")[2].split(","):
+        host, port = part, ""
+        if part.rfind(":") > part.rfind("]"):
+            host, _, port = part.rpartition(":")
+        out.append((host.strip("[]") or "127.0.0.1", int(port or default_port)))
+    return out
+
+
+def _common(timeout: float, password: str | None) -> dict[str, Any]:
+    # No socket_timeout: every call runs under one asyncio.timeout already, and redis-py's
+    # own would add a task and a timer per command.
+    return {
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+        "password": password,
+    }
+
+
+def connect(url: str, timeout: float, password: str | None = None) -> tuple[Client, Any]:
+    """A redis-py client for ``url`` (no I/O yet) and the extra object to close with it."""
+    parts = urlsplit(url)
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    common = _common(timeout, password)
+    tls: dict[str, Any] = {}
+    if query.get("ssl") in ("1", "true", "yes"):
+        tls = {"ssl": True, "ssl_ca_certs": query.get("ssl_ca_certs")}
+    if parts.scheme in ("redis", "rediss"):
+        # from_url reads db, username, TLS options; a password in the URL is refused by the schema
+        return Redis.from_url(url, **common), None
+    if parts.scheme == "redis+sentinel":
+        path = [unquote(p) for p in parts.path.split("/") if p]
+        if not path:
+            raise ValueError("redis+sentinel:// needs the service name: //HOST:PORT/mymaster")
+        db = int(path[1]) if len(path) > 1 else 0
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            _hosts(parts.netloc, 26379),
+            sentinel_kwargs={**common, **tls, "password": None},
+            **common,
+            **tls,
+        )
+        return sentinel.master_for(path[0], db=db), sentinel
+    if parts.scheme == "redis+cluster":
+        nodes = [ClusterNode(h, p) for h, p in _hosts(parts.netloc, 6379)]
+        return RedisCluster(startup_nodes=nodes, **common, **tls), None
+    raise ValueError(f"unsupported state url scheme {parts.scheme!r}")
+
+
+def _argv(mode: str, counters: Sequence[Counter], now: int | None) -> list[Any]:
+    args: list[Any] = [mode, "" if now is None else now]
+    for c in counters:
+        args += (c.limit, c.period_ms, c.amount, 1 if c.fixed else 0)
+    return args
+
+
+class RedisStore:
+    """Counters in Redis (see :mod:`gateway.store.base` for the algorithm)."""
+
+    def __init__(
+        self, url: str, timeout: float, password: str | None = None, now: int | None = None
+    ) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.client, self._extra = connect(url, timeout, password)
+        self.cluster = isinstance(self.client, RedisCluster)
+        self._script = cast(Redis, self.client).register_script(LIMIT_SCRIPT)
+        self.now = now
+        """Fixed script time in ms, for tests; None uses Redis' clock."""
+
+    async def _eval(self, mode: str, counters: Sequence[Counter]) -> list[int]:
+        keys = [c.key for c in counters]
+        reply = await self._script(keys=keys, args=_argv(mode, counters, self.now))
+        return list(reply) if isinstance(reply, list) else [int(reply)]
+
+    async def _run(self, mode: str, groups: Sequence[Sequence[Counter]]) -> list[list[int]]:
+        """The script once per group (per hash slot), in parallel, under the timeout."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                if len(groups) == 1:
+                    return [await self._eval(mode, groups[0])]
+                return list(await asyncio.gather(*(self._eval(mode, g) for g in groups)))
+        except TimeoutError:
+            raise StoreError("timeout") from None
+        except Exception as exc:  # any client error: the stage applies state.on_error
+            raise StoreError(type(exc).__name__) from None
+
+    async def hit(self, counters: Sequence[Counter]) -> Verdict:
+        """Admit the batch when every counter has room; one round trip."""
+        if not self.cluster:
+            return _verdict((await self._run("hit", [counters]))[0])
+        slots = _by_slot(counters)
+        replies = await self._run("hit", [group for _, group in slots])
+        n = len(counters)
+        remaining, reset = [0] * n, [0] * n
+        refused: list[int] = []
+        admitted: list[Counter] = []
+        for (idx, group), reply in zip(slots, replies, strict=True):
+            part = _verdict(reply)
+            for j, i in enumerate(idx):
+                remaining[i], reset[i] = part.remaining[j], part.reset_ms[j]
+            if part.allowed:
+                admitted += group
+            else:
+                refused.append(idx[part.failed])
+        if not refused:
+            return Verdict(True, -1, remaining, reset)
+        # Another slot refused: take back what the admitting slots just counted.
+        taken: dict[str, int] = {}
+        for c in admitted:
+            taken[c.key] = taken.get(c.key, 0) + c.amount
+        if taken:
+            await self.add([_negated(c) for c in admitted])
+        for i, c in enumerate(counters):
+            if c.key in taken:
+                remaining[i] = min(c.limit, remaining[i] + taken[c.key])
+        return Verdict(False, min(refused), remaining, reset)
+
+    async def add(self, counters: Sequence[Counter]) -> None:
+        """Add every amount unconditionally (settling; negative amounts refund)."""
+        groups = [g for _, g in _by_slot(counters)] if self.cluster else [counters]
+        await self._run("add", groups)
+
+    async def ping(self, within: float | None = None) -> None:
+        """Raise :class:`StoreError` when Redis does not answer within the timeout (a longer
+        one at start-up, when a Cluster client first reads the slot map)."""
+        try:
+            async with asyncio.timeout(within or self.timeout):
+                await self.client.ping()
+        except TimeoutError:
+            raise StoreError("timeout") from None
+        except Exception as exc:
+            raise StoreError(type(exc).__name__) from None
+
+    async def close(self) -> None:
+        """Close the connection pools (and the sentinels' connections)."""
+        await self.client.aclose()
+        if isinstance(self._extra, Sentinel):
+            for s in self._extra.sentinels:
+                await s.aclose()
+
+
+def _verdict(reply: list[int]) -> Verdict:
+    rest = [int(x) for x in reply[2:]]
+    return Verdict(int(reply[0]) == 1, int(reply[1]) - 1, rest[0::2], rest[1::2])
+
+
+def _negated(c: Counter) -> Counter:
+    return Counter(c.key, c.limit, c.period_ms, -c.amount, c.fixed)
+
+
+def _by_slot(counters: Sequence[Counter]) -> list[tuple[list[int], list[Counter]]]:
+    slots: dict[int, tuple[list[int], list[Counter]]] = {}
+    for i, c in enumerate(counters):
+        idx, group = slots.setdefault(key_slot(c.key.encode()), ([], []))
+        idx.append(i)
+        group.append(c)
+    return list(slots.values())

@@ -1,0 +1,176 @@
+"""The counter store as the stages use it: ``state.url`` behind a circuit breaker, with the
+policy's choice (``state.on_error``) applied whenever the store cannot answer.
+
+* ``allow``: the request passes unlimited (``gateway_state_fallback_total{mode="allow"}``).
+* ``deny``: :class:`StateUnavailable`; the stage answers 503 ``state_unavailable``.
+* ``local``: an in-process limiter (the memory store) at ``limit // replicas`` (at least 1).
+
+No store error reaches the client any other way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+
+from gateway.pipeline import BuildContext
+from gateway.policy.sections import StateConfig
+from gateway.store.base import Counter, Store, StoreError, Verdict
+from gateway.store.breaker import Breaker
+from gateway.store.memory import MemoryStore, process_store
+from gateway.telemetry import metrics
+
+log = logging.getLogger("gateway.state")
+
+STARTUP_TIMEOUT = 2.0
+"""Seconds the first connection and ping may take (a Cluster client reads the slot map)."""
+WARM_CONNECTIONS = 4
+"""Connections opened at start, so the first requests do not each open one."""
+
+
+class StateUnavailable(Exception):
+    """The store failed and ``state.on_error`` is ``deny``."""
+
+
+class SharedState:
+    """One per pipeline: the configured store, its breaker and the fallback."""
+
+    def __init__(self, cfg: StateConfig) -> None:
+        self.mode = cfg.on_error
+        self.replicas = cfg.replicas
+        self.prefix = cfg.key_prefix
+        self.timeout = cfg.timeout
+        self.retry_after = max(1, round(cfg.breaker_probe))
+        self.primary: Store
+        self.breaker: Breaker | None = None
+        self.local: MemoryStore | None = None
+        if cfg.url.startswith("memory://"):
+            self.primary = process_store("memory")
+        else:
+            from gateway.store.redis import RedisStore  # the only import of redis-py
+
+            password = cfg.password.resolve().decode() if cfg.password else None
+            self.primary = RedisStore(cfg.url, cfg.timeout, password)
+            self.breaker = Breaker(self.primary.ping, cfg.breaker_failures, cfg.breaker_probe)
+            if self.mode == "local":
+                self.local = process_store("local")
+        self._fallback = metrics.STATE_FALLBACK.labels(self.mode)
+        self._errors = {op: metrics.STATE_ERRORS.labels(op) for op in ("hit", "settle", "ping")}
+        self._pending: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    def of(cls, build: BuildContext) -> SharedState:
+        """The pipeline's one instance, created and hooked up (start, close, readiness) on
+        first use, so routes share one connection pool."""
+        state = build.shared.get("state")
+        if state is None:
+            state = build.shared["state"] = cls(build.policy.state)
+            build.on_start.append(state.start)
+            build.on_close.append(state.close)
+            if state.shared:
+                build.readiness["state"] = state.readiness
+        assert isinstance(state, SharedState)
+        return state
+
+    @property
+    def shared(self) -> bool:
+        """True when the store is not the in-process one."""
+        return self.breaker is not None
+
+    async def start(self) -> None:
+        """Connect and ping once (allowing ``STARTUP_TIMEOUT``), so a store that is down at
+        start opens the breaker before any request and one that is up has a warm pool."""
+        metrics.STATE_DEGRADED.set(0)
+        if self.breaker is None:
+            return
+        try:
+            await asyncio.gather(*(self._warm() for _ in range(WARM_CONNECTIONS)))
+        except StoreError as exc:
+            self._errors["ping"].inc()
+            self.breaker.trip(str(exc))
+
+    async def _warm(self) -> None:
+        await self.primary.ping(max(STARTUP_TIMEOUT, self.timeout))
+
+    async def hit(self, counters: Sequence[Counter]) -> Verdict | None:
+        """The verdict for a batch; None means "passed unlimited" (store down, ``allow``)."""
+        breaker = self.breaker
+        if breaker is None:
+            assert isinstance(self.primary, MemoryStore)
+            return self.primary.hit_now(counters)
+        if not breaker.open:
+            try:
+                verdict = await self.primary.hit(counters)
+            except StoreError as exc:
+                self._errors["hit"].inc()
+                breaker.failure(str(exc))
+            else:
+                breaker.success()
+                return verdict
+        self._fallback.inc()
+        if self.local is None:
+            if self.mode == "deny":
+                raise StateUnavailable
+            return None
+        verdict = self.local.hit_now([self._scaled(c) for c in counters])
+        verdict.local = True
+        return verdict
+
+    def _scaled(self, c: Counter) -> Counter:
+        limit = max(1, c.limit // self.replicas)
+        return Counter(c.key, limit, c.period_ms, min(c.amount, limit), c.fixed)
+
+    def settle(self, counters: Sequence[Counter], local: bool) -> None:
+        """Add corrections (real usage minus the reservation) without making anyone wait."""
+        if not counters:
+            return
+        if local or self.breaker is None:
+            store = self.local if local and self.local is not None else self.primary
+            if isinstance(store, MemoryStore):
+                store.add_now(counters)
+            return
+        if self.breaker.open:
+            self._errors["settle"].inc()  # the reservation stays: an over-count, never under
+            return
+        task = asyncio.get_running_loop().create_task(self._settle(counters))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _settle(self, counters: Sequence[Counter]) -> None:
+        assert self.breaker is not None
+        try:
+            await self.primary.add(counters)
+        except StoreError as exc:
+            self._errors["settle"].inc()
+            self.breaker.failure(str(exc))
+        else:
+            self.breaker.success()
+
+    async def drain(self) -> None:
+        """Wait for settlements still on their way (tests, shutdown)."""
+        while self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+
+    async def readiness(self) -> str | None:
+        """Unready only when requests depend on the store (``on_error: deny``) and it is down;
+        with ``allow`` or ``local`` the gateway keeps serving, and the gauge says it."""
+        if self.breaker is None or self.mode != "deny":
+            return None
+        if self.breaker.open:
+            return "state store unreachable"
+        try:
+            await self.primary.ping()
+        except StoreError:
+            self._errors["ping"].inc()
+            return "state store unreachable"
+        return None
+
+    async def close(self) -> None:
+        """Let pending settlements finish (each is bounded by the store timeout), then close."""
+        with contextlib.suppress(Exception):
+            await self.drain()
+        if self.breaker is not None:
+            await self.breaker.close()
+        await self.primary.close()

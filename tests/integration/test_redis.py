@@ -1,0 +1,145 @@
+"""The Redis store against a real redis-server: the script, shared limits, tokens, budgets."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from gateway.store.base import Counter, Verdict
+from gateway.store.memory import MemoryStore
+from gateway.store.redis import RedisStore
+from tests.integration.test_ratelimit import ENV, chat, token
+from tests.procs import Gateway, MockLLM
+from tests.redis_procs import RedisServer, redis_server
+
+__all__ = ["redis_server"]  # the module-scoped fixture
+
+StartGateway = Callable[..., Gateway]
+T0 = 1_800_000_000_000
+DAY = 86_400_000
+
+
+async def same_as_memory(url: str, tag: str, steps: int = 400) -> None:
+    """Random batches, hits and settlements give the same answers in Redis and in memory."""
+    rs, ms = RedisStore(url, 1.0), MemoryStore()
+    rnd = random.Random(tag)
+    now = T0
+    try:
+        for _ in range(steps):
+            now += rnd.choice([1, 7, 60, 333, 999, 2500])
+            rs.now = now
+            batch = []
+            for k in range(rnd.randint(1, 4)):
+                period = rnd.choice([1000, 2000, 60_000])
+                fixed = rnd.random() < 0.15
+                key = f"{tag}:{{s{k % 3}}}:{period}:{fixed}"
+                limit, amount = rnd.choice([1, 3, 10, 50]), rnd.choice([1, 1, 2, 5])
+                batch.append(Counter(key, limit, period, amount, fixed))
+            if rnd.random() < 0.2:
+                fixes = [Counter(c.key, c.limit, c.period_ms, rnd.randint(-6, 6), c.fixed)
+                         for c in batch]  # fmt: skip
+                await rs.add(fixes)
+                ms.add_now(fixes, now)
+                continue
+            theirs, ours = await rs.hit(batch), ms.hit_now(batch, now)
+            assert (theirs.allowed, theirs.failed, theirs.remaining) == (
+                ours.allowed,
+                ours.failed,
+                ours.remaining,
+            )
+            if not rs.cluster:
+                assert theirs.reset_ms == ours.reset_ms
+    finally:
+        await rs.close()
+
+
+def test_script_gives_the_memory_store_answers(redis_server: RedisServer) -> None:
+    asyncio.run(same_as_memory(redis_server.url, "eq"))
+
+
+def test_budget_resets_on_the_next_utc_day(redis_server: RedisServer) -> None:
+    async def run() -> list[Verdict]:
+        rs = RedisStore(redis_server.url, 1.0)
+        midnight = (T0 // DAY + 1) * DAY
+        out = []
+        for at in (midnight - 2000, midnight - 1000, midnight + 1):
+            rs.now = at
+            out.append(await rs.hit([Counter("budget:{u:z}", 100, DAY, 60, fixed=True)]))
+        await rs.close()
+        return out
+
+    spent, refused, next_day = asyncio.run(run())
+    assert spent.allowed and spent.remaining == [40]
+    assert not refused.allowed and refused.reset_ms == [1000]
+    assert next_day.allowed and next_day.remaining == [40]
+
+
+def _wait_past_midnight() -> None:
+    """Day windows roll at 00:00 UTC; keep a test from straddling that."""
+    left = 86400 - time.time() % 86400
+    if left < 15:
+        time.sleep(left + 0.1)
+
+
+def test_two_gateways_enforce_one_global_limit(
+    start_gateway: StartGateway, mock_llm: MockLLM, redis_server: RedisServer
+) -> None:
+    policy = (
+        'version: 1\nupstream: {url: "{upstream}"}\n'
+        f'state: {{url: "{redis_server.url}", key_prefix: two, timeout: 500ms}}\n'
+        "rate_limits: {per_ip: 40/day, per_route: 1000/day}\n"
+    )
+    gws = [start_gateway(policy, mock_llm.url, name=f"p{i}.yaml") for i in range(2)]
+    _wait_past_midnight()
+
+    with httpx.Client() as client, ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(lambda i: client.get(f"{gws[i % 2].url}/echo/{i}").status_code,
+                              range(100)))  # fmt: skip
+    assert codes.count(200) == 40 and codes.count(429) == 60
+    assert sum(gw.metric("gateway_ratelimit_rejections_total", {"scope": "ip"}) for gw in gws) == 60
+    assert redis_server.cli("HGET", "two:{r:other}:r86400000", "c") == "40"
+
+
+def _settled(server: RedisServer, key: str, want: int) -> str:
+    deadline = time.monotonic() + 5
+    value = server.cli("HGET", key, "c")
+    while value != str(want) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        value = server.cli("HGET", key, "c")
+    return value
+
+
+def test_token_reservations_settle_to_the_real_usage(
+    start_gateway: StartGateway, mock_llm: MockLLM, redis_server: RedisServer
+) -> None:
+    gw = start_gateway(
+        'version: 1\nupstream: {url: "{upstream}"}\n'
+        f'state: {{url: "{redis_server.url}", key_prefix: tok}}\n'
+        "auth: {secret: {env: RL_TEST_SECRET}}\n"
+        "rate_limits: {tokens_per_tier: {free: 100000/day}}\n",
+        mock_llm.url,
+        env=ENV,
+    )
+    _wait_past_midnight()
+    url, key = f"{gw.url}/v1/chat/completions", "tok:{u:erin}:*:t86400000"
+    headers = token("erin", "free")
+    resp = httpx.post(url, json=chat(30, 500), headers=headers)
+    used = resp.json()["usage"]["total_tokens"]
+    assert _settled(redis_server, key, used) == str(used)  # not the 500+ reserved
+    total = used
+    with httpx.stream("POST", url, json=chat(12, 7, stream=True), headers=headers) as stream:
+        body = b"".join(stream.iter_bytes())
+    assert b'"usage":{"prompt_tokens"' in body
+    total += 12 + 7
+    assert _settled(redis_server, key, total) == str(total)
+    without = chat(5, 9, stream=True)
+    del without["stream_options"]  # no usage in the stream: the estimate stays charged
+    with httpx.stream("POST", url, json=without, headers=headers) as stream:
+        stream.read()
+    estimate = -(-len(httpx.Request("POST", url, json=without).content) // 3) + 9
+    assert _settled(redis_server, key, total + estimate) == str(total + estimate)

@@ -74,6 +74,8 @@ class GatewayApp:
         finally:
             if state.ctx is not None:
                 try:
+                    for stage in state.ctx.route.finishers:
+                        stage.on_finish(state.ctx)
                     pipeline.recorder.finish(state.ctx)
                 except Exception:
                     log.exception("recording a request failed")

@@ -186,6 +186,8 @@ def _attach(route: CompiledRoute, stage: Any) -> None:
         route.needs_body = route.needs_body or stage.needs_body
     if hasattr(stage, "on_response"):
         route.response.append(stage)
+    if hasattr(stage, "on_finish"):
+        route.finishers.append(stage)
 
 
 def _order(route: CompiledRoute) -> None:

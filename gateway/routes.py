@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gateway.policy.sections import AuthConfig, GuardrailsConfig, RateLimitConfig
 
@@ -31,6 +31,8 @@ class CompiledRoute:
     """Stages that read the body (input guardrails), in phase order."""
     response: list[ResponseStage] = field(default_factory=list)
     """Stages that see the answer (output guardrails, usage), in phase order."""
+    finishers: list[Any] = field(default_factory=list)
+    """Stages with ``on_finish(ctx)``: called once when the request ends, however it ends."""
     needs_body: bool = False
 
     def matches(self, method: str, path: str) -> bool:

@@ -27,8 +27,10 @@ call). A request refused by one scope costs nothing in the others.
 * Tokens and budgets (routes with them read the bounded body first, so their estimate rides
   the same round trip): the request reserves ``prompt bytes / 3 + max_tokens`` tokens and that
   estimate's cost, capped at the limit, and the usage stage settles with the answer's real
-  usage. Reserved-but-unsettled amounts (upstream unreachable, client gone mid-stream) stay
-  counted: an over-count, never an under-count.
+  usage. A request that ends without a readable answer (refused by a later stage such as
+  the input guardrail, or an upstream error) is refunded by the usage stage's ``on_finish``;
+  a client gone mid-stream keeps the estimate as its charge (an over-count, never an
+  under-count).
 * Answers: ``RateLimit-Limit/-Remaining/-Reset`` of the request scope with the least left and
   ``RateLimit-Policy`` listing every request window, on success too; 429 with ``Retry-After``
   from the real wait and ``error.scope``; ``budget_exceeded`` lasts until 00:00 UTC.

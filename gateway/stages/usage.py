@@ -80,6 +80,12 @@ class UsageStage:
         scanner = SseUsage() if kind == "sse" else JsonUsage()
         return UsageFilter(self, ctx, head.status, scanner)
 
+    def on_finish(self, ctx: RequestContext) -> None:
+        """The request ended without its answer being read to the end (denied after the
+        reservation, upstream error, client gone): settle what is still reserved."""
+        if RESERVATION in ctx.notes:
+            self.finish(ctx, ctx.status or 499, None)
+
     def finish(self, ctx: RequestContext, status: int, tokens: Tokens | None) -> None:
         """Fill ``ctx.usage`` and settle the reservation, if any."""
         res: Reservation | None = ctx.notes.pop(RESERVATION, None)

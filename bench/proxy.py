@@ -42,15 +42,18 @@ PATH = "/v1/chat/completions"
 
 
 def start_gateway(
-    upstream_port: int, workdir: Path, policy_extra: str = ""
+    upstream_port: int, workdir: Path, policy_extra: str = "", replace_telemetry: bool = False
 ) -> tuple[subprocess.Popen[bytes], int]:
-    """``gateway run`` on a free port in front of ``upstream_port``; returns (process, port)."""
+    """``gateway run`` on a free port in front of ``upstream_port``; returns (process, port).
+
+    The policy has no auth, limits or guardrails, and logs at ``warning`` (no access lines)
+    unless ``replace_telemetry`` says ``policy_extra`` brings its own ``telemetry`` section."""
     port, admin = free_port(), free_port()
     policy = workdir / "policy.yaml"
+    telemetry = "" if replace_telemetry else "telemetry: {log_level: warning}\n"
     policy.write_text(
         f"version: 1\nlisten: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\n"
-        f"upstream: {{url: 'http://127.0.0.1:{upstream_port}'}}\n"
-        "telemetry: {log_level: warning}\n" + policy_extra
+        f"upstream: {{url: 'http://127.0.0.1:{upstream_port}'}}\n" + telemetry + policy_extra
     )
     log = (workdir / "gateway.log").open("wb")
     proc = subprocess.Popen(

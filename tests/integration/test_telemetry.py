@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import aiohttp
 import httpx
@@ -94,9 +96,8 @@ def test_llm_call_spans_metrics_and_log(gw: Gateway, otlp: OtlpReceiver) -> None
         metrics
     )
     assert 'active_connections{service="dialogue"}' in metrics
-    lines = [json.loads(line) for line in gw.log().splitlines() if line.startswith("{")]
-    access = [r for r in lines if r.get("logger") == "gateway.access"]
-    assert access, lines
+    access = access_lines(gw)
+    assert access, gw.log()
     rec = access[-1]
     assert rec["request_id"] == resp.headers["x-request-id"]
     assert rec["trace_id"] == resp.headers["traceparent"].split("-")[1]
@@ -123,6 +124,17 @@ async def _random_traffic(base: str, n: int) -> None:
                     await r.read()
 
         await asyncio.gather(*(one(i) for i in range(n)))
+
+
+def access_lines(gw: Gateway, count: int = 1) -> list[dict[str, Any]]:
+    """The access log lines, once ``count`` are there (the line is written as the request
+    ends, just after the answer was sent)."""
+    deadline = time.monotonic() + 5
+    while True:
+        found = [json.loads(x) for x in gw.log().splitlines() if '"gateway.access"' in x]
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
 
 
 def series(metrics: str) -> set[str]:
@@ -189,6 +201,6 @@ def test_opt_in_prompt_log_is_truncated(start_gateway: StartGateway, mock_llm: M
         "messages": [{"role": "user", "content": "tell me a story please"}],
     }
     assert httpx.post(f"{gw.url}/v1/chat/completions", json=body).status_code == 200
-    access = [json.loads(x) for x in gw.log().splitlines() if '"gateway.access"' in x]
+    access = access_lines(gw)
     assert access[-1]["prompt"] == "tell me a st"
     assert "story please" not in gw.log()

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from gateway.clientip import ClientIpResolver
 from gateway.context import RequestContext
@@ -21,6 +21,7 @@ from gateway.telemetry.recorder import Recorder
 from gateway.upstream import Upstream
 
 log = logging.getLogger("gateway.pipeline")
+T = TypeVar("T")
 
 
 class Phase(IntEnum):
@@ -100,6 +101,14 @@ class BuildContext:
     readiness: dict[str, ReadinessCheck] = field(default_factory=dict)
     strip_headers: set[bytes] = field(default_factory=set)
     """Request headers never forwarded from the client (e.g. identity headers)."""
+
+    def share(self, key: str, make: Callable[[], T]) -> T:
+        """One instance per ``key`` for the whole pipeline, so routes whose sections are
+        equal share one stage (and its compiled rules, caches, connections)."""
+        if key not in self.shared:
+            self.shared[key] = make()
+        found: T = self.shared[key]
+        return found
 
 
 StageFactory = Callable[[CompiledRoute, BuildContext], list[Any]]

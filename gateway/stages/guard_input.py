@@ -154,8 +154,4 @@ def build_input_guard_stages(route: CompiledRoute, build: BuildContext) -> list[
     cfg = route.guardrails.input if route.guardrails is not None else None
     if cfg is None:
         return []
-    key = "guard.input " + cfg.model_dump_json()  # routes with the same section share one
-    stage = build.shared.get(key)
-    if not isinstance(stage, InputGuardStage):
-        stage = build.shared[key] = InputGuardStage(cfg)
-    return [stage]
+    return [build.share("guard.input " + cfg.model_dump_json(), lambda: InputGuardStage(cfg))]

@@ -161,8 +161,4 @@ def build_output_guard_stages(route: CompiledRoute, build: BuildContext) -> list
     cfg = route.guardrails.output if route.guardrails is not None else None
     if cfg is None:
         return []
-    key = "guard.output " + cfg.model_dump_json()  # routes with the same section share one
-    stage = build.shared.get(key)
-    if not isinstance(stage, OutputGuardStage):
-        stage = build.shared[key] = OutputGuardStage(cfg)
-    return [stage]
+    return [build.share("guard.output " + cfg.model_dump_json(), lambda: OutputGuardStage(cfg))]

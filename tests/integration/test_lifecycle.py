@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -90,23 +91,25 @@ def test_sighup_reloads(start_gateway: StartGateway, mock_llm: MockLLM) -> None:
     assert wait_for(lambda: post_size(gw, 500) == 413, timeout=3)
 
 
+def slow_chat(gw: Gateway, words: str, latency: str) -> tuple[threading.Thread, dict[str, Any]]:
+    """A chat completion the mock answers slowly, in a thread; ``result["r"]`` when done."""
+    result: dict[str, Any] = {}
+    body = {"model": "m", "messages": [{"role": "user", "content": words}]}
+
+    def run() -> None:
+        result["r"] = httpx.post(f"{gw.url}/v1/chat/completions", json=body,
+                                 headers={"X-Mock-Latency": latency}, timeout=10)  # fmt: skip
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, result
+
+
 def test_in_flight_request_finishes_across_reload(
     start_gateway: StartGateway, mock_llm: MockLLM
 ) -> None:
     gw = start_gateway(policy(mock_llm.url, "1KiB"), mock_llm.url)
-    result: dict[str, httpx.Response] = {}
-    body = {"model": "m", "messages": [{"role": "user", "content": "a b c d"}]}
-
-    def slow() -> None:
-        result["r"] = httpx.post(
-            f"{gw.url}/v1/chat/completions",
-            json=body,
-            headers={"X-Mock-Latency": "0.4"},
-            timeout=10,
-        )
-
-    t = threading.Thread(target=slow)
-    t.start()
+    t, result = slow_chat(gw, "a b c d", "0.4")
     time.sleep(0.3)
     gw.policy.write_text(policy(mock_llm.url, "100"))
     gw.signal(signal.SIGHUP)
@@ -119,19 +122,7 @@ def test_sigterm_drains_in_flight_then_exits_zero(
     start_gateway: StartGateway, mock_llm: MockLLM
 ) -> None:
     gw = start_gateway(policy(mock_llm.url, "1KiB"), mock_llm.url)
-    result: dict[str, httpx.Response] = {}
-    body = {"model": "m", "messages": [{"role": "user", "content": "a b c d e"}]}
-
-    def slow() -> None:
-        result["r"] = httpx.post(
-            f"{gw.url}/v1/chat/completions",
-            json=body,
-            headers={"X-Mock-Latency": "0.3"},
-            timeout=10,
-        )
-
-    t = threading.Thread(target=slow)
-    t.start()
+    t, result = slow_chat(gw, "a b c d e", "0.3")
     time.sleep(0.4)
     gw.signal(signal.SIGTERM)
     time.sleep(0.3)

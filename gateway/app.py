@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 
 from multidict import CIMultiDict
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import Span, SpanKind
 
 from gateway.asgi import Message, Receive, Scope, Send, send_simple
 from gateway.context import RequestContext
@@ -254,7 +254,12 @@ async def _handle(
             return await _deny(send, ctx, exc.deny())
         ctx.upstream_seconds = time.perf_counter() - sent_at
         try:
-            await _respond(ctx, resp, receive, send, body is None or isinstance(body, bytes))
+            spans = _response_spans(tracing, ctx)
+            try:
+                await _respond(ctx, resp, receive, send, body is None or isinstance(body, bytes))
+            finally:
+                for span in spans:
+                    span.end()
         finally:
             resp.close(reusable=resp.error_kind is None and not resp.abandoned)
             if resp.error_kind is not None:
@@ -262,6 +267,14 @@ async def _handle(
     finally:
         if upstream_span is not None:
             upstream_span.end()
+
+
+def _response_spans(tracing: Tracing | None, ctx: RequestContext) -> list[Span]:
+    # One span per response stage (output guard, usage), open until the answer has passed.
+    if tracing is None or ctx.span is None or not ctx.span.is_recording() or not ctx.route.response:
+        return []
+    assert ctx.trace_context is not None
+    return [tracing.start_child(stage.name, ctx.trace_context) for stage in ctx.route.response]
 
 
 def _start_trace(tracing: Tracing, ctx: RequestContext, carrier: dict[str, str], peer: str) -> None:

@@ -18,11 +18,15 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.context import RequestContext
+from gateway.llm.include_usage import UsageEventStripper, wants_injection
 from gateway.llm.usage import JsonUsage, Prices, SseUsage, Tokens
 from gateway.pipeline import BuildContext, Phase, ResponseHead
 from gateway.routes import CompiledRoute
 from gateway.stages.ratelimit import RESERVATION, Reservation, micro_usd
 from gateway.store import Counter, SharedState
+
+#: Note set when the gateway asked for stream usage itself (also shown in the access log).
+INJECTED = "usage_requested_by_gateway"
 
 
 def _kind(head: ResponseHead) -> str | None:
@@ -37,7 +41,8 @@ def _kind(head: ResponseHead) -> str | None:
 
 
 class UsageFilter:
-    """Watches one answer's body; passes every chunk through unchanged."""
+    """Watches one answer's body; passes every chunk through unchanged, except the usage
+    events the gateway asked for on the client's behalf."""
 
     buffer = False
 
@@ -48,17 +53,36 @@ class UsageFilter:
         self.ctx = ctx
         self.status = status
         self.scanner = scanner
+        asked = isinstance(scanner, SseUsage) and ctx.notes.get(INJECTED) is True
+        self.stripper = UsageEventStripper() if asked else None
 
     async def on_chunk(self, chunk: bytes) -> bytes:
         """Scan and pass through."""
         if chunk:
             self.scanner.feed(chunk)
-        return chunk
+        return self.stripper.feed(chunk) if self.stripper is not None else chunk
 
     async def on_end(self) -> bytes:
         """Record the usage and settle; adds nothing to the body."""
         self.stage.finish(self.ctx, self.status, self.scanner.result())
-        return b""
+        return self.stripper.end() if self.stripper is not None else b""
+
+
+class IncludeUsageStage:
+    """On LLM routes, asks an OpenAI-compatible upstream to report the usage of a stream the
+    client did not ask usage for (see :mod:`gateway.llm.include_usage`)."""
+
+    name = "include_usage"
+    phase = Phase.USAGE
+    needs_body = True
+
+    async def on_request(self, ctx: RequestContext) -> None:
+        """Rewrite the body when it is a streamed OpenAI request without ``include_usage``."""
+        if ctx.body:
+            new = wants_injection(ctx.path, ctx.body)
+            if new is not None:
+                ctx.body = new
+                ctx.notes[INJECTED] = True
 
 
 class UsageStage:
@@ -126,4 +150,7 @@ def build_usage_stages(route: CompiledRoute, build: BuildContext) -> list[Any]:
     if not (limited or route.layer or build.policy.cost):
         return []
     state = SharedState.of(build) if limited else None
-    return [UsageStage(Prices(build.policy.cost), state)]
+    stages: list[Any] = [UsageStage(Prices(build.policy.cost), state)]
+    if limited or route.layer:  # an LLM route: make streams report their usage
+        stages.append(build.share("include_usage", IncludeUsageStage))
+    return stages

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import openai
@@ -69,3 +70,30 @@ def test_gateway_error_parses_as_api_error(
         assert isinstance(exc.body, dict) and exc.body.get("type") == "upstream_unavailable"
     else:
         raise AssertionError("expected a 502")
+
+
+LLM_POLICY = """
+version: 1
+upstream: {url: "{upstream}"}
+cost: {models: {mock-gpt: {input_per_1k: 1, output_per_1k: 2}}}
+routes:
+  - {name: chat, path: /v1/chat/completions, methods: [POST], layer: layer3}
+"""
+
+
+def test_stream_usage_counted_without_the_client_asking(
+    start_gateway: Callable[..., Gateway], mock_llm: MockLLM
+) -> None:
+    gw = start_gateway(LLM_POLICY, mock_llm.url)
+    stream = client(gw).chat.completions.create(
+        model="mock-gpt", messages=[{"role": "user", "content": "one two three"}], stream=True
+    )
+    chunks = list(stream)
+    assert all(chunk.choices for chunk in chunks)  # no usage-only chunk reached the client
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Echo: one two three"
+    deadline = time.monotonic() + 5
+    while gw.metric("llm_tokens_total", {"model": "mock-gpt", "type": "output"}) == 0:
+        assert time.monotonic() < deadline, "no usage recorded"
+        time.sleep(0.05)
+    assert gw.metric("llm_tokens_total", {"model": "mock-gpt", "type": "output"}) == 4
+    assert gw.metric("llm_usage_estimated_total") == 0

@@ -29,7 +29,9 @@ routes:
     path: /v1/chat/completions
     methods: [POST]
     layer: layer3
-    guardrails: {input: {format: openai, rules: [prompt-injection]}}
+    guardrails:
+      input: {format: openai, rules: [prompt-injection]}
+      output: {rules: [unsafe-markup]}
   - {name: echo, path: /echo}
 """
 
@@ -105,8 +107,13 @@ def test_llm_call_spans_metrics_and_log(gw: Gateway, otlp: OtlpReceiver) -> None
     log_text = gw.log()
     assert secret_prompt not in log_text
     assert "sig-should-never-be-logged" not in log_text and "session=abc" not in log_text
-    server = next(s for s in otlp.wait_for(2) if s["kind"] == 2)
+    spans = otlp.wait_for(6)
+    server = next(s for s in spans if s["kind"] == 2)
     assert server["name"] == "POST chat"
+    children = {s["name"] for s in spans if s["parent_span_id"] == server["span_id"]}
+    assert children >= {"guard_input", "include_usage", "upstream", "guard_output", "usage"}
+    assert server["attributes"]["gen_ai.request.model"] == "mock-gpt"
+    assert server["attributes"]["gen_ai.usage.output_tokens"] == 6
 
 
 async def _random_traffic(base: str, n: int) -> None:

@@ -258,7 +258,14 @@ def test_usage_stage_is_attached_where_usage_matters() -> None:
         "routes: [{name: chat, path: /chat, layer: layer3}]\n"
     )
     route = Pipeline(layered, ()).router.routes[0]
-    assert [s.name for s in build_usage_stages(route, Pipeline(layered, ()).build)] == ["usage"]
+    names = [s.name for s in build_usage_stages(route, Pipeline(layered, ()).build)]
+    assert names == ["usage", "include_usage"]  # an LLM route: streams are asked for usage
+    priced = load_policy_text(
+        "version: 1\nupstream: {url: 'http://127.0.0.1:9'}\n"
+        "cost: {default: {input_per_1k: 1, output_per_1k: 1}}\n"
+    )
+    other = Pipeline(priced, ()).router.fallback
+    assert [s.name for s in build_usage_stages(other, Pipeline(priced, ()).build)] == ["usage"]
 
 
 def test_key_parts_are_plain_or_hashed() -> None:

@@ -17,6 +17,7 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,33 @@ def _write_final_stats(environment: Any, **_: Any) -> None:
     Path(path).write_text(json.dumps(stats))
 
 
+def expect(
+    user: HttpUser,
+    name: str,
+    body: dict[str, Any],
+    headers: dict[str, str],
+    ok: Callable[[Any], bool],
+    stream: bool = False,
+) -> None:
+    """POST a chat request; a success when ``ok(response)`` holds, a failure otherwise."""
+    with user.client.post(CHAT, json=body, headers=headers, name=name, stream=stream,
+                          catch_response=True) as resp:  # fmt: skip
+        if ok(resp):
+            resp.success()
+        else:
+            resp.failure(f"unexpected {resp.status_code}: {resp.text[:120]}")
+
+
+def _status(*codes: int) -> Callable[[Any], bool]:
+    return lambda resp: resp.status_code in codes
+
+
+def _stream_done(resp: Any) -> bool:
+    if resp.status_code != 200:
+        return False
+    return b"".join(resp.iter_content(chunk_size=None)).rstrip().endswith(b"data: [DONE]")
+
+
 class _Player(HttpUser):
     abstract = True
     tier = "free"
@@ -77,15 +105,6 @@ class _Player(HttpUser):
 
     def on_start(self) -> None:
         self.auth = {"Authorization": f"Bearer {token(self.tier)}"}
-
-    def _chat(self, name: str, body: dict[str, Any], ok: tuple[int, ...]) -> None:
-        with self.client.post(
-            CHAT, json=body, headers=self.auth, name=name, catch_response=True
-        ) as resp:
-            if resp.status_code in ok:
-                resp.success()
-            else:
-                resp.failure(f"unexpected {resp.status_code}: {resp.text[:120]}")
 
 
 class FreePlayer(_Player):
@@ -96,7 +115,7 @@ class FreePlayer(_Player):
 
     @task
     def talk(self) -> None:
-        self._chat("free chat", chat("Where can I buy a sword?"), (200, 429))
+        expect(self, "free chat", chat("Where can I buy a sword?"), self.auth, _status(200, 429))
 
 
 class ProUser(_Player):
@@ -107,7 +126,8 @@ class ProUser(_Player):
 
     @task
     def talk(self) -> None:
-        self._chat("pro chat", chat("Tell me about the dragon in the northern hills."), (200,))
+        body = chat("Tell me about the dragon in the northern hills.")
+        expect(self, "pro chat", body, self.auth, _status(200))
 
 
 class StreamingChat(_Player):
@@ -118,19 +138,8 @@ class StreamingChat(_Player):
 
     @task
     def stream(self) -> None:
-        with self.client.post(
-            CHAT,
-            json=chat("Sing me a song", stream=True),
-            headers=self.auth,
-            name="pro stream",
-            stream=True,
-            catch_response=True,
-        ) as resp:
-            data = b"".join(resp.iter_content(chunk_size=None)) if resp.status_code == 200 else b""
-            if resp.status_code == 200 and data.rstrip().endswith(b"data: [DONE]"):
-                resp.success()
-            else:
-                resp.failure(f"stream ended badly: {resp.status_code}")
+        body = chat("Sing me a song", stream=True)
+        expect(self, "pro stream", body, self.auth, _stream_done, stream=True)
 
 
 class Injector(_Player):
@@ -147,13 +156,8 @@ class Injector(_Player):
     @task
     def attack(self) -> None:
         prompt = self.attacks[next(_ids) % len(self.attacks)]
-        with self.client.post(
-            CHAT, json=chat(prompt), headers=self.auth, name="injection", catch_response=True
-        ) as resp:
-            if resp.status_code == 400 and "prompt_rejected" in resp.text:
-                resp.success()
-            else:
-                resp.failure(f"injection not blocked: {resp.status_code}")
+        expect(self, "injection", chat(prompt), self.auth,
+               lambda r: r.status_code == 400 and "prompt_rejected" in r.text)  # fmt: skip
 
 
 class BrokenClient(HttpUser):
@@ -164,21 +168,14 @@ class BrokenClient(HttpUser):
 
     @task
     def expired(self) -> None:
-        self._expect_401({"Authorization": f"Bearer {token('free', ttl=-3600)}"}, "expired token")
+        bearer = {"Authorization": f"Bearer {token('free', ttl=-3600)}"}
+        expect(self, "expired token", chat("hi"), bearer, _status(401))
 
     @task
     def garbage(self) -> None:
-        self._expect_401({"Authorization": "Bearer not.a.token"}, "garbage token")
+        bearer = {"Authorization": "Bearer not.a.token"}
+        expect(self, "garbage token", chat("hi"), bearer, _status(401))
 
     @task
     def missing(self) -> None:
-        self._expect_401({}, "missing token")
-
-    def _expect_401(self, headers: dict[str, str], name: str) -> None:
-        with self.client.post(
-            CHAT, json=chat("hi"), headers=headers, name=name, catch_response=True
-        ) as resp:
-            if resp.status_code == 401:
-                resp.success()
-            else:
-                resp.failure(f"expected 401, got {resp.status_code}")
+        expect(self, "missing token", chat("hi"), {}, _status(401))

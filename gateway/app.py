@@ -35,6 +35,8 @@ class GatewayApp:
     def __init__(self, pipeline: Pipeline, tracing: Tracing | None = None) -> None:
         self.pipeline = pipeline
         self.tracing = tracing
+        self.inflight = 0
+        """Requests being handled, across pipelines (read by the in-flight gauge at scrape)."""
         self._retired: set[Pipeline] = set()
 
     def swap(self, new: Pipeline) -> Pipeline:
@@ -57,7 +59,7 @@ class GatewayApp:
             return  # lifespan is off and websockets are not proxied (ws="none")
         pipeline = self.pipeline
         pipeline.inflight += 1
-        metrics.IN_FLIGHT.inc()
+        self.inflight += 1
         state = _State()
         try:
             await _handle(pipeline, self.tracing, scope, receive, _tracking(send, state), state)
@@ -79,7 +81,7 @@ class GatewayApp:
                     pipeline.recorder.finish(state.ctx)
                 except Exception:
                     log.exception("recording a request failed")
-            metrics.IN_FLIGHT.dec()
+            self.inflight -= 1
             pipeline.inflight -= 1
             if pipeline.retired and pipeline.inflight == 0 and pipeline in self._retired:
                 self._close_later(pipeline)

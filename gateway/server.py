@@ -103,6 +103,7 @@ async def serve(path: Path, overrides: Overrides = Overrides()) -> int:
     reloader = Reloader(path, app, build)
     CONNECTIONS.service = policy.telemetry.service_name
     CONNECTIONS.count = lambda: len(main.server_state.connections)
+    metrics.IN_FLIGHT.set_function(lambda: app.inflight)  # read at scrape, not per request
 
     loop = asyncio.get_running_loop()
 

@@ -111,6 +111,7 @@ def test_in_flight_request_finishes_across_reload(
     gw = start_gateway(policy(mock_llm.url, "1KiB"), mock_llm.url)
     t, result = slow_chat(gw, "a b c d", "0.4")
     time.sleep(0.3)
+    assert gw.metric("gateway_requests_in_flight") == 1
     gw.policy.write_text(policy(mock_llm.url, "100"))
     gw.signal(signal.SIGHUP)
     t.join(10)

@@ -7,7 +7,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from multidict import CIMultiDict
 from opentelemetry.trace import Span, SpanKind
 
 from gateway.asgi import Message, Receive, Scope, Send, send_simple
@@ -228,17 +227,15 @@ async def _handle(
     if tracing is not None and ctx.span is not None and ctx.span.is_recording():
         assert ctx.trace_context is not None
         upstream_span = tracing.start_child("upstream", ctx.trace_context, SpanKind.CLIENT)
-    headers = _upstream_headers(pipeline, ctx, raw_headers, host, xff, peer, scope["scheme"])
-    if isinstance(body, bytes):
-        headers.popall(
-            "Content-Length", None
-        )  # the client sets it from the (maybe rewritten) bytes
     if upstream_span is not None:
-        headers["traceparent"] = traceparent(upstream_span)
+        tp: str | None = traceparent(upstream_span)
     elif ctx.span is not None:
-        headers["traceparent"] = traceparent(ctx.span)
-    elif ctx.traceparent is not None:
-        headers["traceparent"] = ctx.traceparent
+        tp = traceparent(ctx.span)
+    else:
+        tp = ctx.traceparent
+    headers = _upstream_headers(
+        pipeline, ctx, raw_headers, host, xff, peer, scope["scheme"], tp, isinstance(body, bytes)
+    )
     target = scope.get("raw_path") or path.encode()
     qs: bytes = scope["query_string"]
     target_s = target.decode("latin-1") + ("?" + qs.decode("latin-1") if qs else "")
@@ -362,35 +359,36 @@ def _upstream_headers(
     xff: list[bytes],
     peer: str,
     scheme: str,
-) -> CIMultiDict[str]:
+    tp: str | None,
+    drop_length: bool,
+) -> Headers:
+    # ``drop_length``: the body goes as bytes (maybe rewritten), the client sets its length.
     strip = pipeline.strip_headers
     named = connection_tokens(raw) if any(k == b"connection" for k, _ in raw) else frozenset()
-    out: CIMultiDict[str] = CIMultiDict()
+    own = {k for k, _ in ctx.upstream_headers} if ctx.upstream_headers else None
+    out: Headers = []
     for k, v in raw:
         if is_hop_by_hop(k, named) or k in GATEWAY_SET or k in strip:
             continue
         if k == b"host" and not pipeline.upstream.cfg.preserve_host:
             continue
-        out.add(k.decode("latin-1"), _text(v))
+        if (k == b"content-length" and drop_length) or (k == b"traceparent" and tp is not None):
+            continue
+        if own is not None and k in own:
+            continue
+        out.append((k, v))
     if xff and pipeline.client_ip.enabled and pipeline.client_ip.is_trusted(peer):
-        chain = ", ".join(_text(v) for v in xff)
-        out["X-Forwarded-For"] = f"{chain}, {peer}"
+        out.append((b"x-forwarded-for", b", ".join(xff) + b", " + peer.encode()))
     else:
-        out["X-Forwarded-For"] = peer
-    out["X-Forwarded-Proto"] = scheme
+        out.append((b"x-forwarded-for", peer.encode()))
+    out.append((b"x-forwarded-proto", scheme.encode()))
     if host is not None:
-        out["X-Forwarded-Host"] = _text(host)
-    out["X-Request-ID"] = ctx.request_id
-    for k, v in ctx.upstream_headers:
-        out[k.decode("latin-1")] = _text(v)
+        out.append((b"x-forwarded-host", host))
+    out.append((b"x-request-id", ctx.request_id.encode()))
+    if tp is not None:
+        out.append((b"traceparent", tp.encode()))
+    out.extend(ctx.upstream_headers)
     return out
-
-
-def _text(value: bytes) -> str:
-    try:
-        return value.decode()
-    except UnicodeDecodeError:
-        return value.decode("latin-1")
 
 
 async def _respond(

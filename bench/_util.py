@@ -68,20 +68,22 @@ def start_nginx(
     mode: Literal["static", "proxy"],
     upstream_port: int | None,
     workdir: Path,
+    answer: str = '{"ok":true}',
 ) -> subprocess.Popen[bytes]:
     """Write ``workdir/nginx.conf`` and start nginx in the foreground (1 worker).
 
-    ``static`` answers ``200 {"ok":true}`` on every path and method (a POST body is
-    read and discarded). ``proxy`` forwards to ``127.0.0.1:upstream_port`` over
-    HTTP/1.1 keep-alive (``upstream`` block with ``keepalive 64``). The caller stops
-    the returned process (see :func:`stop_process`) and should :func:`wait_port` first.
+    ``static`` answers ``200`` with ``answer`` (JSON, no single quotes) on every path and
+    method (a POST body is read and discarded). ``proxy`` forwards to
+    ``127.0.0.1:upstream_port`` over HTTP/1.1 keep-alive (``upstream`` block with
+    ``keepalive 64``). The caller stops the returned process (see :func:`stop_process`)
+    and should :func:`wait_port` first.
     """
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     if mode == "static":
         upstream_block = ""
-        location = "default_type application/json;\n            return 200 '{\"ok\":true}';"
+        location = f"default_type application/json;\n            return 200 '{answer}';"
     elif mode == "proxy":
         if upstream_port is None:
             raise ValueError("proxy mode needs upstream_port")
@@ -162,6 +164,7 @@ def run_wrk(
     method: str = "GET",
     body: bytes | None = None,
     rate: int | None = None,
+    headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Load ``url`` for ``duration_s`` seconds and return rps and latency percentiles (ms).
 
@@ -169,8 +172,8 @@ def run_wrk(
     ``connections`` connections); a ``body`` is sent with ``Content-Type:
     application/json`` through a generated Lua script. With ``rate`` (requests/s)
     it is the Python open-loop generator described in the module docstring.
-    Keys: ``rps``, ``p50_ms``, ``p99_ms`` (also ``p75_ms``/``p90_ms`` for wrk),
-    ``errors``, ``non_2xx``, ``generator``.
+    ``headers`` are added to every request. Keys: ``rps``, ``p50_ms``, ``p99_ms`` (also
+    ``p75_ms``/``p90_ms`` for wrk), ``errors``, ``non_2xx``, ``generator``.
     """
     with tempfile.TemporaryDirectory(prefix="bench-wrk-") as tmp:
         body_path = Path(tmp) / "body.bin"
@@ -179,19 +182,25 @@ def run_wrk(
             cmd = [sys.executable, "-m", "bench._util", "openloop", url, "--rate", str(rate)]
             cmd += ["--duration", str(duration_s), "--connections", str(connections)]
             cmd += ["--method", method, "--body-file", str(body_path)]
+            for name, value in (headers or {}).items():
+                cmd += ["--header", f"{name}: {value}"]
             proc = subprocess.run(
                 cmd, capture_output=True, text=True, timeout=duration_s + 60, check=True
             )
             return dict(json.loads(proc.stdout))
         cmd = ["wrk", f"-c{connections}", f"-t{threads}", f"-d{duration_s}s", "--latency"]
-        if method != "GET" or body is not None:
+        if method != "GET" or body is not None or headers:
             script = Path(tmp) / "req.lua"
-            script.write_text(
-                f'wrk.method = "{method}"\n'
-                f'local f = assert(io.open("{body_path}", "rb"))\n'
-                "wrk.body = f:read('*a')\nf:close()\n"
-                'wrk.headers["Content-Type"] = "application/json"\n'
-            )
+            lua = f'wrk.method = "{method}"\n'
+            if body is not None:
+                lua += (
+                    f'local f = assert(io.open("{body_path}", "rb"))\n'
+                    "wrk.body = f:read('*a')\nf:close()\n"
+                    'wrk.headers["Content-Type"] = "application/json"\n'
+                )
+            for name, value in (headers or {}).items():
+                lua += f'wrk.headers["{name}"] = "{value}"\n'
+            script.write_text(lua)
             cmd += ["-s", str(script)]
         proc = subprocess.run(
             [*cmd, url], capture_output=True, text=True, timeout=duration_s + 30, check=True
@@ -242,7 +251,13 @@ def _percentile(sorted_ms: list[float], pct: float) -> float | None:
 
 
 async def _openloop(
-    url: str, rate: int, duration_s: float, connections: int, method: str, body: bytes | None
+    url: str,
+    rate: int,
+    duration_s: float,
+    connections: int,
+    method: str,
+    body: bytes | None,
+    extra_headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Fixed-rate open-loop load; latency counts from each request's scheduled start."""
     import aiohttp
@@ -250,6 +265,7 @@ async def _openloop(
     latencies: list[float] = []
     counts = {"errors": 0, "non_2xx": 0}
     headers = {"Content-Type": "application/json"} if body else {}
+    headers.update(extra_headers or {})
     connector = aiohttp.TCPConnector(limit=connections, force_close=False)
     timeout = aiohttp.ClientTimeout(total=30)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
@@ -305,10 +321,12 @@ def _main() -> None:
     ol.add_argument("--connections", type=int, default=32)
     ol.add_argument("--method", default="GET")
     ol.add_argument("--body-file", type=Path)
+    ol.add_argument("--header", action="append", default=[], help="'Name: value', repeatable")
     args = parser.parse_args()
     body = args.body_file.read_bytes() if args.body_file else b""
+    extra = dict(h.split(": ", 1) for h in args.header)
     coro = _openloop(
-        args.url, args.rate, args.duration, args.connections, args.method, body or None
+        args.url, args.rate, args.duration, args.connections, args.method, body or None, extra
     )
     try:
         import uvloop

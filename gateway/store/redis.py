@@ -1,9 +1,12 @@
 """The Redis store: redis://, rediss://, redis+sentinel:// and redis+cluster://.
 
-The only module that imports redis-py. Every batch is one ``EVALSHA`` of
-:data:`gateway.store.script.LIMIT_SCRIPT` under one overall timeout (``state.timeout``),
-with redis-py's own retries off: the circuit breaker, not a retry loop, handles an outage.
-Every library error becomes a :class:`StoreError`.
+Every batch is one ``EVALSHA`` of :data:`gateway.store.script.LIMIT_SCRIPT` under one overall
+timeout (``state.timeout``), with no retries: the circuit breaker, not a retry loop, handles an
+outage. Every client error becomes a :class:`StoreError`.
+
+Clients: :mod:`gateway.store.resp` (lean, one pipelined connection) for a single Redis and for
+the master found through Sentinel (redis-py asks the sentinels); redis-py for Cluster, which
+routes by slot. This is the only module that imports redis-py.
 
 Cluster: a script may only touch keys of one hash slot. The keys of one identity share a
 hash tag (``{u:alice}``, ``{ip:…}``, ``{r:chat}``), so a request touches at most three slots;
@@ -14,6 +17,8 @@ the counts just made on the others are taken back with a second call (only on re
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import ssl
 from collections.abc import Sequence
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -26,6 +31,7 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 
 from gateway.store.base import Counter, StoreError, Verdict
+from gateway.store.resp import LeanRedis
 from gateway.store.script import LIMIT_SCRIPT
 
 Client = Redis | RedisCluster
@@ -51,6 +57,67 @@ def _common(timeout: float, password: str | None) -> dict[str, Any]:
     }
 
 
+#: Query options of redis:// and rediss:// URLs that the lean client understands.
+_LEAN_QUERY = frozenset({"ssl_ca_certs"})
+
+
+def _tls_context(cafile: str | None) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=cafile)
+
+
+def lean_client(url: str, timeout: float, password: str | None) -> tuple[LeanRedis, Any] | None:
+    """The lean client for a single Redis or a Sentinel-managed master, with the Sentinel
+    object to close with it; None when the URL needs redis-py (Cluster, other options)."""
+    parts = urlsplit(url)
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    if parts.scheme in ("redis", "rediss"):
+        if set(query) - _LEAN_QUERY:
+            return None
+        host, port = _hosts(parts.netloc, 6379)[0]
+        db = parts.path.strip("/")
+        tls = _tls_context(query.get("ssl_ca_certs")) if parts.scheme == "rediss" else None
+
+        async def fixed() -> tuple[str, int]:
+            return host, port
+
+        client = LeanRedis(
+            fixed,
+            username=unquote(parts.username) if parts.username else None,
+            password=password,
+            db=int(db) if db else 0,
+            tls=tls,
+            connect_timeout=timeout,
+        )
+        return client, None
+    if parts.scheme == "redis+sentinel":
+        segments = [unquote(p) for p in parts.path.split("/") if p]
+        if not segments:
+            raise ValueError("redis+sentinel:// needs the service name: //HOST:PORT/mymaster")
+        use_tls = query.get("ssl") in ("1", "true", "yes")
+        tls_kw: dict[str, Any] = {}
+        if use_tls:
+            tls_kw = {"ssl": True, "ssl_ca_certs": query.get("ssl_ca_certs")}
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            _hosts(parts.netloc, 26379),
+            sentinel_kwargs={**_common(timeout, None), **tls_kw},
+        )
+        service = segments[0]
+
+        async def master() -> tuple[str, int]:
+            host, port = await sentinel.discover_master(service)
+            return str(host), int(port)
+
+        client = LeanRedis(
+            master,
+            password=password,
+            db=int(segments[1]) if len(segments) > 1 else 0,
+            tls=_tls_context(query.get("ssl_ca_certs")) if use_tls else None,
+            connect_timeout=timeout,
+        )
+        return client, sentinel
+    return None
+
+
 def connect(url: str, timeout: float, password: str | None = None) -> tuple[Client, Any]:
     """A redis-py client for ``url`` (no I/O yet) and the extra object to close with it."""
     parts = urlsplit(url)
@@ -62,18 +129,6 @@ def connect(url: str, timeout: float, password: str | None = None) -> tuple[Clie
     if parts.scheme in ("redis", "rediss"):
         # from_url reads db, username, TLS options; a password in the URL is refused by the schema
         return Redis.from_url(url, **common), None
-    if parts.scheme == "redis+sentinel":
-        path = [unquote(p) for p in parts.path.split("/") if p]
-        if not path:
-            raise ValueError("redis+sentinel:// needs the service name: //HOST:PORT/mymaster")
-        db = int(path[1]) if len(path) > 1 else 0
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            _hosts(parts.netloc, 26379),
-            sentinel_kwargs={**common, **tls, "password": None},
-            **common,
-            **tls,
-        )
-        return sentinel.master_for(path[0], db=db), sentinel
     if parts.scheme == "redis+cluster":
         nodes = [ClusterNode(h, p) for h, p in _hosts(parts.netloc, 6379)]
         return RedisCluster(startup_nodes=nodes, **common, **tls), None
@@ -95,15 +150,26 @@ class RedisStore:
     ) -> None:
         self.url = url
         self.timeout = timeout
-        self.client, self._extra = connect(url, timeout, password)
+        lean = lean_client(url, timeout, password)
+        self.lean: LeanRedis | None = None
+        self.client: Client | None = None
+        if lean is not None:
+            self.lean, self._extra = lean
+        else:
+            self.client, self._extra = connect(url, timeout, password)
+            self._script = cast(Redis, self.client).register_script(LIMIT_SCRIPT)
         self.cluster = isinstance(self.client, RedisCluster)
-        self._script = cast(Redis, self.client).register_script(LIMIT_SCRIPT)
+        self._sha = hashlib.sha1(LIMIT_SCRIPT.encode()).hexdigest()
         self.now = now
         """Fixed script time in ms, for tests; None uses Redis' clock."""
 
     async def _eval(self, mode: str, counters: Sequence[Counter]) -> list[int]:
         keys = [c.key for c in counters]
-        reply = await self._script(keys=keys, args=_argv(mode, counters, self.now))
+        if self.lean is not None:
+            argv = _argv(mode, counters, self.now)
+            reply = await self.lean.evalsha(self._sha, LIMIT_SCRIPT, keys, argv)
+        else:
+            reply = await self._script(keys=keys, args=_argv(mode, counters, self.now))
         return list(reply) if isinstance(reply, list) else [int(reply)]
 
     async def _run(self, mode: str, groups: Sequence[Sequence[Counter]]) -> list[list[int]]:
@@ -159,15 +225,22 @@ class RedisStore:
         one at start-up, when a Cluster client first reads the slot map)."""
         try:
             async with asyncio.timeout(within or self.timeout):
-                await self.client.ping()
+                if self.lean is not None:
+                    await self.lean.ping()
+                else:
+                    assert self.client is not None
+                    await self.client.ping()
         except TimeoutError:
             raise StoreError("timeout") from None
         except Exception as exc:
             raise StoreError(type(exc).__name__) from None
 
     async def close(self) -> None:
-        """Close the connection pools (and the sentinels' connections)."""
-        await self.client.aclose()
+        """Close the connections (and the sentinels' connections)."""
+        if self.lean is not None:
+            await self.lean.aclose()
+        if self.client is not None:
+            await self.client.aclose()
         if isinstance(self._extra, Sentinel):
             for s in self._extra.sentinels:
                 await s.aclose()

@@ -1,4 +1,4 @@
-"""state.url forms: parsing into redis-py clients (no connection is made) and policy checks."""
+"""state.url forms: parsing into clients (no connection is made) and policy checks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from gateway.policy import PolicyError, load_policy_text
-from gateway.store.redis import RedisStore, _hosts, connect
+from gateway.store.redis import RedisStore, _hosts, lean_client
+from gateway.store.resp import LeanRedis
 
 
 def test_hosts() -> None:
@@ -24,15 +25,20 @@ def test_hosts() -> None:
 def test_client_kinds() -> None:
     async def run() -> None:
         plain = RedisStore("rediss://127.0.0.1:6380/2", 0.05)
-        assert isinstance(plain.client, Redis) and not plain.cluster
-        kwargs = plain.client.connection_pool.connection_kwargs
+        assert isinstance(plain.lean, LeanRedis) and plain.client is None and not plain.cluster
+        assert plain.lean._db == 2 and plain.lean._tls is not None
+        # An option only redis-py understands: redis-py takes the URL.
+        other = RedisStore("redis://127.0.0.1:6380/2?health_check_interval=5", 0.05)
+        assert isinstance(other.client, Redis) and other.lean is None
+        kwargs = other.client.connection_pool.connection_kwargs
         assert kwargs["db"] == 2 and kwargs["socket_connect_timeout"] == 0.05
         assert "socket_timeout" not in kwargs or kwargs["socket_timeout"] is None
         cluster = RedisStore("redis+cluster://127.0.0.1:7000,127.0.0.1:7001", 0.05)
         assert isinstance(cluster.client, RedisCluster) and cluster.cluster
         sentinel = RedisStore("redis+sentinel://127.0.0.1:26379/mymaster/3", 0.05, "pw")
-        assert sentinel.client.connection_pool.service_name == "mymaster"  # type: ignore[attr-defined]
-        for store in (plain, cluster, sentinel):
+        assert isinstance(sentinel.lean, LeanRedis) and sentinel.lean._db == 3
+        assert sentinel.lean._auth == [b"AUTH", "pw"]
+        for store in (plain, other, cluster, sentinel):
             await store.close()
 
     asyncio.run(run())
@@ -40,7 +46,7 @@ def test_client_kinds() -> None:
 
 def test_sentinel_needs_a_service_name() -> None:
     with pytest.raises(ValueError, match="service name"):
-        connect("redis+sentinel://127.0.0.1:26379", 0.05)
+        lean_client("redis+sentinel://127.0.0.1:26379", 0.05, None)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,244 @@
+"""The full policy chain against the gateway's own pass-through and nginx, in one run.
+
+    python -m bench.speed [--duration 10] [--rate 500] [--write-readme]
+
+Starts everything itself: nginx answering a chat completion (the mock upstream), nginx as a
+reverse proxy in front of it, ``redis-server``, an OTLP sink, and the gateway twice: with no
+policy (pass-through) and with the full chain (JWT, Redis per-IP and per-tier limits and token
+and cost budgets, input and output guardrails, metrics, tracing exported at sampling 0.1).
+Load: wrk -c32 -t2 POST of a 1 KB chat body, 1 uvicorn worker; then a fixed 500 req/s
+open-loop run, direct vs full chain, for the latency added. RSS of the full-chain gateway is
+sampled under load. Results: stdout, ``bench/results/speed.json``; ``--write-readme``
+fills the README's speed section.
+
+Targets (issue: speed): full chain ≥ 60% of pass-through and ≥ 6% of nginx; added p50 ≤ 0.5 ms
+and p99 ≤ 2 ms at 500 req/s; RSS under load ≤ 120 MB. Needs ``wrk``, ``nginx`` and
+``redis-server`` on PATH (``apt-get install wrk nginx-light redis-server``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from bench._util import free_port, json_body, run_wrk, start_nginx, stop_process, wait_port
+from bench.proxy import ROOT, PeakRss, start_gateway
+from bench.telemetry import _Sink
+
+RESULTS = ROOT / "bench" / "results" / "speed.json"
+PATH = "/v1/chat/completions"
+SECRET = "bench-secret-0123456789abcdef0123456789"
+ANSWER = (
+    '{"id":"c1","object":"chat.completion","model":"m","choices":[{"index":0,'
+    '"message":{"role":"assistant","content":"Here is a short and perfectly safe answer."},'
+    '"finish_reason":"stop"}],"usage":{"prompt_tokens":260,"completion_tokens":12,'
+    '"total_tokens":272}}'
+)
+HUGE = "1000000000/minute"
+
+
+def full_chain_policy(redis_port: int, sink_port: int) -> str:
+    """Every stage on; limits far above the load so that every request is allowed."""
+    return f"""
+state: {{url: "redis://127.0.0.1:{redis_port}/0", on_error: deny, timeout: 500ms}}
+auth:
+  required: true
+  algorithms: [HS256]
+  secret: {{env: BENCH_JWT_SECRET}}
+  default_tier: pro
+  forward_headers: {{sub: X-User-Id, tier: X-User-Tier}}
+rate_limits:
+  per_ip: {HUGE}
+  per_tier: {{pro: {HUGE}}}
+  tokens_per_tier: {{pro: 1000000000000/day}}
+  daily_budget_usd: {{pro: 1000000000}}
+guardrails:
+  input: {{format: openai, max_chars: 4000, strip_control: true, rules: [prompt-injection],
+           action: block}}
+  output: {{max_chars: 5000, rules: [unsafe-markup], fallback: "Sorry.", action: replace}}
+cost:
+  default: {{input_per_1k: 0.001, output_per_1k: 0.002}}
+telemetry: {{otlp_endpoint: "http://127.0.0.1:{sink_port}", sample_ratio: 0.1,
+             log_level: warning}}
+routes:
+  - {{name: chat, path: {PATH}, methods: [POST], layer: layer3}}
+"""
+
+
+def start_redis(port: int, workdir: Path) -> subprocess.Popen[bytes]:
+    """A throwaway ``redis-server`` on loopback without persistence."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise SystemExit("redis-server not found: apt-get install redis-server")
+    args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    return subprocess.Popen(
+        [*args, "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+
+def make_token(policy: Path) -> str:
+    """A pro-tier token signed with the bench secret, via ``gateway token``."""
+    env = {**os.environ, "BENCH_JWT_SECRET": SECRET}
+    cmd = [sys.executable, "-m", "gateway", "token", "--sub", "bench", "--tier", "pro"]
+    out = subprocess.run(
+        [*cmd, "--ttl", "1h", "-c", str(policy)], env=env, capture_output=True, text=True
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"gateway token failed: {out.stderr}")
+    return out.stdout.strip()
+
+
+def measure(duration: int, rate: int) -> dict[str, Any]:
+    """Run the comparison; returns the results document."""
+    body = json_body(1024)
+    out: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+        "duration_s": duration,
+    }
+    sink_port = free_port()
+    sink = ThreadingHTTPServer(("127.0.0.1", sink_port), _Sink)
+    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    procs: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-speed-") as tmp:
+        work = Path(tmp)
+        up_port, ngx_port, redis_port = free_port(), free_port(), free_port()
+        try:
+            procs.append(start_nginx(up_port, "static", None, work / "up", answer=ANSWER))
+            procs.append(start_nginx(ngx_port, "proxy", up_port, work / "ngx"))
+            procs.append(start_redis(redis_port, work))
+            for port in (up_port, ngx_port, redis_port):
+                wait_port(port)
+            (work / "bare").mkdir()
+            (work / "full").mkdir()
+            bare, bare_port = start_gateway(up_port, work / "bare")
+            procs.append(bare)
+            os.environ["BENCH_JWT_SECRET"] = SECRET
+            full, full_port = start_gateway(
+                up_port,
+                work / "full",
+                full_chain_policy(redis_port, sink_port),
+                replace_telemetry=True,
+            )
+            procs.append(full)
+            token = make_token(work / "full" / "policy.yaml")
+            auth = {"Authorization": f"Bearer {token}"}
+            time.sleep(1)
+            targets: dict[str, tuple[int, dict[str, str] | None]] = {
+                "direct": (up_port, None),
+                "nginx": (ngx_port, None),
+                "pass-through": (bare_port, None),
+                "full chain": (full_port, auth),
+            }
+            loads: dict[str, Any] = {}
+            for name, (port, headers) in targets.items():
+                url = f"http://127.0.0.1:{port}{PATH}"
+                run_wrk(url, duration_s=2, method="POST", body=body, headers=headers)
+                if name == "full chain":
+                    with PeakRss(full.pid) as peak:
+                        loads[name] = run_wrk(
+                            url, duration_s=duration, method="POST", body=body, headers=headers
+                        )
+                    out["full_chain_rss_mb"] = round(peak.peak, 1)
+                else:
+                    loads[name] = run_wrk(
+                        url, duration_s=duration, method="POST", body=body, headers=headers
+                    )
+            out["throughput"] = loads
+            fixed: dict[str, Any] = {}
+            for name in ("direct", "full chain"):
+                port, headers = targets[name]
+                url = f"http://127.0.0.1:{port}{PATH}"
+                run_wrk(url, duration_s=2, rate=rate, method="POST", body=body, headers=headers)
+                fixed[name] = run_wrk(
+                    url, duration_s=duration, rate=rate, method="POST", body=body, headers=headers
+                )
+            out["fixed_rate"] = {"rate": rate, **fixed}
+        finally:
+            for proc in reversed(procs):
+                stop_process(proc)
+            sink.shutdown()
+    return out
+
+
+def summarise(res: dict[str, Any]) -> list[str]:
+    """The Markdown tables: throughput with ratios, then the checks against the targets."""
+    t = res["throughput"]
+    rps = {name: float(r["rps"]) for name, r in t.items()}
+    lines = [
+        f"Measured {res['date']} on {res['machine']}; wrk -c32 -t2, {res['duration_s']} s a "
+        "run, POST of a 1 KB chat body, 1 uvicorn worker. Command: `python -m bench.speed`.",
+        "",
+        "| target | req/s | p50 / p99 ms | vs pass-through | vs nginx |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in t.items():
+        bare, nginx = 100 * rps[name] / rps["pass-through"], 100 * rps[name] / rps["nginx"]
+        lines.append(
+            f"| {name} | {rps[name]:.0f} | {r['p50_ms']:.2f} / {r['p99_ms']:.2f} | "
+            f"{bare:.0f}% | {nginx:.1f}% |"
+        )
+    f = res["fixed_rate"]
+    add50 = f["full chain"]["p50_ms"] - f["direct"]["p50_ms"]
+    add99 = f["full chain"]["p99_ms"] - f["direct"]["p99_ms"]
+    vs_bare = rps["full chain"] / rps["pass-through"]
+    vs_nginx = rps["full chain"] / rps["nginx"]
+    rss = res["full_chain_rss_mb"]
+    lines += [
+        "",
+        "| check | target | measured |",
+        "|---|---|---|",
+        f"| full chain / pass-through | ≥ 60% | {100 * vs_bare:.0f}% {_ok(vs_bare >= 0.6)} |",
+        f"| full chain / nginx | ≥ 6% | {100 * vs_nginx:.1f}% {_ok(vs_nginx >= 0.06)} |",
+        f"| added at {f['rate']} req/s, p50 | ≤ 0.5 ms | +{add50:.2f} ms {_ok(add50 <= 0.5)} |",
+        f"| added at {f['rate']} req/s, p99 | ≤ 2 ms | +{add99:.2f} ms {_ok(add99 <= 2.0)} |",
+        f"| RSS under load | ≤ 120 MB | {rss} MB {_ok(rss <= 120)} |",
+    ]
+    return lines
+
+
+def _ok(passed: bool) -> str:
+    return "✅" if passed else "❌"
+
+
+def write_readme(lines: list[str]) -> None:
+    """Replace the text between the README's speed markers."""
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- bench:speed:start -->", "<!-- bench:speed:end -->"
+    if start not in text or end not in text:
+        raise SystemExit("README.md has no bench:speed markers")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(head + start + "\n" + "\n".join(lines) + "\n" + end + tail)
+
+
+def main() -> None:
+    """CLI entry point."""
+    parser = argparse.ArgumentParser(prog="python -m bench.speed", description=__doc__)
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--rate", type=int, default=500)
+    parser.add_argument("--write-readme", action="store_true")
+    args = parser.parse_args()
+    res = measure(args.duration, args.rate)
+    RESULTS.write_text(json.dumps(res, indent=2) + "\n")
+    lines = summarise(res)
+    print("\n".join(lines))
+    if args.write_readme:
+        write_readme(lines)
+
+
+if __name__ == "__main__":
+    main()

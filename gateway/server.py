@@ -16,6 +16,7 @@ import uvicorn
 from gateway.admin import AdminApp
 from gateway.app import GatewayApp
 from gateway.asgi import ASGIApp
+from gateway.httpserver import GatewayHttpProtocol
 from gateway.pipeline import Pipeline
 from gateway.policy import load_policy
 from gateway.policy.schema import Policy
@@ -70,7 +71,7 @@ def uvicorn_config(app: ASGIApp, listen: str, **extra: Any) -> uvicorn.Config:
         app,
         host=host,
         port=port,
-        http="httptools",
+        http=GatewayHttpProtocol,
         ws="none",
         lifespan="off",
         proxy_headers=False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -15,7 +16,6 @@ def _run(args: argparse.Namespace) -> int:
     from pydantic import TypeAdapter, ValidationError
 
     from gateway.policy.types import HostPort
-    from gateway.server import Overrides, serve
 
     try:
         for value in (args.listen, args.admin_listen):
@@ -26,15 +26,45 @@ def _run(args: argparse.Namespace) -> int:
     except (ValidationError, ValueError) as exc:
         print(f"gateway run: {exc}", file=sys.stderr)
         return 2
+    if args.workers > 1 and not args.worker:
+        # Before anything imports prometheus-client: the supervisor keeps no metrics.
+        return _supervise(args)
+    from gateway.server import Overrides, serve
+
     overrides = Overrides(args.listen, args.admin_listen, args.upstream)
     try:
-        return _loop_run(serve(Path(args.config), overrides))
+        return _loop_run(serve(Path(args.config), overrides, worker=args.worker))
     except PolicyError as exc:
         print(exc, file=sys.stderr)
         return 1
     except ValueError as exc:  # a policy that loads but cannot be built (missing secret, ...)
         print(f"gateway run: {exc}", file=sys.stderr)
         return 1
+
+
+def _supervise(args: argparse.Namespace) -> int:
+    from gateway.telemetry.logging import setup_logging
+    from gateway.workers import Supervisor, check_policy
+
+    try:
+        policy = load_policy(args.config)
+        check_policy(policy)
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"gateway run: {exc}", file=sys.stderr)
+        return 1
+    setup_logging(policy.telemetry.log_level)
+    argv = ["-c", args.config]
+    for flag, value in (
+        ("--listen", args.listen),
+        ("--admin-listen", args.admin_listen),
+        ("--upstream", args.upstream),
+    ):
+        if value:
+            argv += [flag, value]
+    return Supervisor(argv, args.workers).run()
 
 
 def _loop_run(coro: object) -> int:
@@ -87,6 +117,13 @@ def _demo(args: argparse.Namespace) -> int:
     return _loop_run(run_demo(Path(args.config), args.mock_listen))
 
 
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``gateway`` command."""
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
@@ -97,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--listen", help="HOST:PORT for clients (overrides the file)")
     run.add_argument("--admin-listen", help="HOST:PORT for /healthz /readyz /metrics")
     run.add_argument("--upstream", help="upstream base URL (overrides upstream.url)")
+    run.add_argument(
+        "--workers",
+        type=_positive,
+        default=int(os.environ.get("GATEWAY_WORKERS", "1")),
+        help="worker processes sharing the ports (default 1, or $GATEWAY_WORKERS)",
+    )
+    run.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     run.set_defaults(func=_run)
 
     check = sub.add_parser("check", help="validate policy files; exit 1 on the first bad one")

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from gateway.reload import Reloader
 from gateway.stages import FACTORIES
 from gateway.telemetry import metrics
 from gateway.telemetry.logging import setup_logging
-from gateway.telemetry.request_metrics import CONNECTIONS
+from gateway.telemetry.request_metrics import ACTIVE_CONNECTIONS
 from gateway.telemetry.tracing import Tracing
 
 log = logging.getLogger("gateway.server")
@@ -83,8 +84,31 @@ def uvicorn_config(app: ASGIApp, listen: str, **extra: Any) -> uvicorn.Config:
     )
 
 
-async def serve(path: Path, overrides: Overrides = Overrides()) -> int:
-    """Serve until SIGTERM/SIGINT; returns the exit code."""
+def reuse_port_socket(listen: str) -> socket.socket:
+    """A listening socket bound with SO_REUSEPORT: each worker binds its own on the same port
+    and the kernel spreads new connections evenly among them."""
+    host, port = split_hostport(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def _sample_gauges() -> None:
+    while True:
+        metrics.sample_observed()
+        await asyncio.sleep(1.0)
+
+
+async def serve(path: Path, overrides: Overrides = Overrides(), worker: bool = False) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit code. ``worker``: one of several
+    processes of ``gateway run --workers N`` (listeners shared with SO_REUSEPORT)."""
     policy = overrides.apply(load_policy(path))
     setup_logging(policy.telemetry.log_level)
 
@@ -102,9 +126,10 @@ async def serve(path: Path, overrides: Overrides = Overrides()) -> int:
     )
     admin_srv = _Server(uvicorn_config(admin, policy.admin_listen))
     reloader = Reloader(path, app, build)
-    CONNECTIONS.service = policy.telemetry.service_name
-    CONNECTIONS.count = lambda: len(main.server_state.connections)
-    metrics.IN_FLIGHT.set_function(lambda: app.inflight)  # read at scrape, not per request
+    # Read at scrape time (or sampled each second with workers), not updated per request.
+    connections = ACTIVE_CONNECTIONS.labels(policy.telemetry.service_name)
+    metrics.observe(connections, lambda: len(main.server_state.connections))
+    metrics.observe(metrics.IN_FLIGHT, lambda: app.inflight)
 
     loop = asyncio.get_running_loop()
 
@@ -120,7 +145,14 @@ async def serve(path: Path, overrides: Overrides = Overrides()) -> int:
         signal.SIGHUP, lambda: loop.create_task(reloader.reload(reason="SIGHUP"))
     )
     watcher = loop.create_task(reloader.watch())
-    admin_task = loop.create_task(admin_srv.serve())
+    sampler = loop.create_task(_sample_gauges()) if metrics.MULTIPROCESS else None
+    sockets: dict[str, list[socket.socket] | None] = {"main": None, "admin": None}
+    if worker:
+        sockets = {
+            "main": [reuse_port_socket(policy.listen)],
+            "admin": [reuse_port_socket(policy.admin_listen)],
+        }
+    admin_task = loop.create_task(admin_srv.serve(sockets=sockets["admin"]))
     log.info(
         "gateway started",
         extra={
@@ -130,9 +162,11 @@ async def serve(path: Path, overrides: Overrides = Overrides()) -> int:
         },
     )
     try:
-        await main.serve()
+        await main.serve(sockets=sockets["main"])
     finally:
         watcher.cancel()
+        if sampler is not None:
+            sampler.cancel()
         admin_srv.should_exit = True
         await admin_task
         await app.pipeline.close()

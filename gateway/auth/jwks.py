@@ -48,7 +48,7 @@ def _worst_age() -> float:
     return max((f.age() for f in list(_LIVE)), default=0.0)
 
 
-metrics.JWKS_AGE.set_function(_worst_age)
+metrics.observe(metrics.JWKS_AGE, _worst_age)
 
 
 def ssl_context(ca: str | None) -> ssl.SSLContext:

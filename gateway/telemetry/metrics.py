@@ -1,10 +1,23 @@
-"""Every Prometheus metric of the gateway, defined once. Label sets are closed."""
+"""Every Prometheus metric of the gateway, defined once. Label sets are closed.
+
+With ``gateway run --workers N`` every worker writes its samples to the directory named by
+``PROMETHEUS_MULTIPROC_DIR`` (set by the supervisor before the workers start, as
+prometheus-client requires) and whichever worker answers ``/metrics`` sums them; each gauge
+says how its workers' values combine (``multiprocess_mode``).
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+"""Several worker processes share one metrics directory."""
+_OBSERVED: list[tuple[Gauge, Callable[[], float]]] = []
 
 CONFIG_RELOADS = Counter(
     "gateway_config_reload_total",
@@ -31,11 +44,13 @@ POLICY_INFO = Gauge(
     "gateway_policy_loaded_timestamp_seconds",
     "Unix time the policy in use was loaded.",
     registry=REGISTRY,
+    multiprocess_mode="livemax",
 )
 IN_FLIGHT = Gauge(
     "gateway_requests_in_flight",
     "Requests being handled right now.",
     registry=REGISTRY,
+    multiprocess_mode="livesum",
 )
 AUTH_FAILURES = Counter(
     "gateway_auth_failures_total",
@@ -61,6 +76,7 @@ JWKS_AGE = Gauge(
     "gateway_jwks_age_seconds",
     "Age of the oldest JWKS key set in use (seconds since its last successful fetch).",
     registry=REGISTRY,
+    multiprocess_mode="livemax",
 )
 
 RATELIMIT_REJECTIONS = Counter(
@@ -79,6 +95,7 @@ STATE_DEGRADED = Gauge(
     "gateway_state_degraded",
     "1 while the counter store's circuit breaker is open and limits follow state.on_error.",
     registry=REGISTRY,
+    multiprocess_mode="livemax",
 )
 STATE_FALLBACK = Counter(
     "gateway_state_fallback_total",
@@ -96,6 +113,25 @@ GUARDRAIL_ACTIONS = Counter(
 )
 
 
+def observe(gauge: Gauge, read: Callable[[], float]) -> None:
+    """Report ``read()`` as the gauge's value: read at scrape time in one process; with
+    workers, sampled by :func:`sample_observed` (a scrape reads the shared files only)."""
+    if MULTIPROCESS:
+        _OBSERVED.append((gauge, read))
+    else:
+        gauge.set_function(read)
+
+
+def sample_observed() -> None:
+    """Write the current value of every observed gauge (workers call this every second)."""
+    for gauge, read in _OBSERVED:
+        gauge.set(read())
+
+
 def render() -> bytes:
-    """The Prometheus text exposition of all gateway metrics."""
+    """The Prometheus text exposition of all gateway metrics (of all workers)."""
+    if MULTIPROCESS:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
     return generate_latest(REGISTRY)

@@ -8,11 +8,7 @@ observe is the costly part (~3 µs).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-
-from prometheus_client import Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client import Counter, Gauge, Histogram
 
 from gateway.telemetry.metrics import REGISTRY
 
@@ -80,23 +76,13 @@ ESTIMATED_USAGE = Counter(
 )
 
 
-class ConnectionsCollector(Collector):
-    """``active_connections{service}``: open client connections, read at scrape time."""
-
-    def __init__(self) -> None:
-        self.service = "gateway"
-        self.count: Callable[[], int] = lambda: 0
-
-    def collect(self) -> Iterable[GaugeMetricFamily]:
-        family = GaugeMetricFamily(
-            "active_connections", "Open client connections.", labels=["service"]
-        )
-        family.add_metric([self.service], float(self.count()))
-        yield family
-
-
-CONNECTIONS = ConnectionsCollector()
-REGISTRY.register(CONNECTIONS)
+ACTIVE_CONNECTIONS = Gauge(
+    "active_connections",
+    "Open client connections.",
+    ["service"],
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
 
 
 def method_label(method: str) -> str:

@@ -42,7 +42,11 @@ PATH = "/v1/chat/completions"
 
 
 def start_gateway(
-    upstream_port: int, workdir: Path, policy_extra: str = "", replace_telemetry: bool = False
+    upstream_port: int,
+    workdir: Path,
+    policy_extra: str = "",
+    replace_telemetry: bool = False,
+    extra_args: list[str] | None = None,
 ) -> tuple[subprocess.Popen[bytes], int]:
     """``gateway run`` on a free port in front of ``upstream_port``; returns (process, port).
 
@@ -57,7 +61,7 @@ def start_gateway(
     )
     log = (workdir / "gateway.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "run", "-c", str(policy)],
+        [sys.executable, "-m", "gateway", "run", "-c", str(policy), *(extra_args or [])],
         stdout=log,
         stderr=log,
         cwd=ROOT,

@@ -48,12 +48,23 @@ from gateway.telemetry import metrics
 RESULTS = Path(__file__).resolve().parent / "results" / "ratelimit.json"
 _ONE = "rate_limits: {per_ip: 100000000/minute}\n"
 _THREE = "rate_limits: {per_ip: 100000000/minute;1000000000/day, per_route: 1000000000/minute}\n"
-LIMITS = {"none": "", "memory-1": _ONE, "memory-3": _THREE, "redis-1": _ONE, "redis-3": _THREE}
-"""Cases: no limits, then one counter (per_ip) and three (two per_ip windows, per_route)."""
+LIMITS = {
+    "none": "",
+    "memory-1": _ONE,
+    "memory-3": _THREE,
+    "redis-1": _ONE,
+    "redis-3": _THREE,
+    "redis-py-3": _THREE,
+}
+"""Cases: no limits, then one counter (per_ip) and three (two per_ip windows, per_route);
+``redis-*`` use the gateway's lean client, ``redis-py-3`` the same store through redis-py
+(the client the lean one replaced; an option only redis-py reads routes the URL to it)."""
 
 
 def policy(case: str, upstream: str, redis_url: str, timeout: str = "50ms") -> str:
     """The policy of one case."""
+    if case.startswith("redis-py"):
+        redis_url += "?health_check_interval=0"
     state = (
         f"state: {{url: '{redis_url}', timeout: {timeout}}}\n" if case.startswith("redis") else ""
     )

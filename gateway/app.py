@@ -277,7 +277,7 @@ def _response_spans(tracing: Tracing | None, ctx: RequestContext) -> list[Span]:
 
 
 def _start_trace(tracing: Tracing, ctx: RequestContext, carrier: dict[str, str], peer: str) -> None:
-    if not tracing.exporting:
+    if not tracing.records(carrier.get("traceparent")):
         # Nothing is recorded: propagate ids without the SDK's span machinery (~8% of CPU).
         tid, sid, flags = light_context(carrier.get("traceparent"))
         ctx.trace_id, ctx.span_id = tid, sid

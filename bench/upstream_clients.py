@@ -45,7 +45,8 @@ PATH = "/v1/chat/completions?x=1"
 RESULTS = Path(__file__).resolve().parent / "results" / "upstream_clients.json"
 HTTPX_CANDIDATES: tuple[str, ...] = ("httpx-default", "httpx-pool64", "httpx-pool64-peek")
 HTTPX_CANDIDATES += ("httpx-aiohttp", "httpx2-pool64")  # httpx2: pydantic's fork, used by openai
-CANDIDATES = (*HTTPX_CANDIDATES, "aiohttp", "aiohttp-peek")
+CANDIDATES = (*HTTPX_CANDIDATES, "aiohttp", "aiohttp-peek", "gateway-http1-peek")
+"""``gateway-http1-peek`` is the gateway's own client (``gateway.upstream``, the one in use)."""
 
 
 class ClientGone(Exception):
@@ -214,11 +215,52 @@ class AiohttpProxy(ProxyApp):
         return True
 
 
+class GatewayClientProxy(ProxyApp):
+    """``gateway.upstream.Upstream``: asyncio protocols, httptools' parser, a LIFO pool."""
+
+    async def open(self) -> None:
+        """Build the client (its pool opens on the first request, in this loop)."""
+        from gateway.policy.sections import UpstreamConfig
+        from gateway.upstream import Upstream
+
+        self.client = Upstream(UpstreamConfig(url=self.upstream))
+
+    async def close(self) -> None:
+        """Close the pool."""
+        await self.client.close()
+
+    async def forward(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        """Proxy one request, streaming the response with ``chunks()``."""
+        from gateway.errors import UpstreamError
+
+        body = await request_body(scope, receive, self.peek)
+        names = (b"content-length",) if isinstance(body, bytes) else ()
+        fwd = [(k, v) for k, v in strip_hop_by_hop(scope["headers"]) if k not in names]
+        path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+        query = scope.get("query_string", b"").decode("latin-1")
+        try:
+            resp = await self.client.request(
+                scope["method"], f"{path}?{query}" if query else path, fwd, body
+            )
+        except UpstreamError:
+            return False
+        try:
+            out = strip_hop_by_hop(resp.headers)
+            await stream_back(send, resp.status, out, resp.chunks())
+        finally:
+            resp.close()
+        return True
+
+
 def make_app(name: str, upstream: str) -> ProxyApp:
     """Build candidate ``name`` (one of :data:`CANDIDATES`) proxying to ``upstream``."""
     if name not in CANDIDATES:
         raise ValueError(f"unknown candidate {name!r}")
-    cls = AiohttpProxy if name.startswith("aiohttp") else HttpxProxy
+    cls: type[ProxyApp] = HttpxProxy
+    if name.startswith("aiohttp"):
+        cls = AiohttpProxy
+    elif name.startswith("gateway"):
+        cls = GatewayClientProxy
     return cls(name, upstream)
 
 

@@ -27,6 +27,10 @@ log = logging.getLogger("gateway.state")
 STARTUP_TIMEOUT = 2.0
 """Seconds the first connection and ping may take (a Cluster client reads the slot map)."""
 WARM_CONNECTIONS = 4
+FULL_TTL = 1.0
+"""Seconds a counter found with nothing left is refused locally before Redis is asked again."""
+MAX_FULL_KEYS = 100_000
+"""Counters remembered as full at once (a bound on memory when many clients are refused)."""
 """Connections opened at start, so the first requests do not each open one."""
 
 
@@ -61,6 +65,9 @@ class SharedState:
         self._pending: set[asyncio.Task[None]] = set()
         #: Corrections waiting for the next write, merged per counter.
         self._backlog: dict[tuple[str, int, bool], Counter] = {}
+        #: Keys with nothing left: (loop time the record expires, loop time one unit fits).
+        self._full: dict[str, tuple[float, float]] = {}
+        self._full_hit = metrics.CACHE_REQUESTS.labels("over_limit", "hit")
 
     @classmethod
     def of(cls, build: BuildContext) -> SharedState:
@@ -102,6 +109,10 @@ class SharedState:
         if breaker is None:
             assert isinstance(self.primary, MemoryStore)
             return self.primary.hit_now(counters)
+        if self._full:
+            cached = self._cached_refusal(counters)
+            if cached is not None:
+                return cached
         if not breaker.open:
             try:
                 verdict = await self.primary.hit(counters)
@@ -110,6 +121,10 @@ class SharedState:
                 breaker.failure(str(exc))
             else:
                 breaker.success()
+                if not verdict.allowed and verdict.remaining[verdict.failed] == 0:
+                    self._remember_full(
+                        counters[verdict.failed].key, verdict.reset_ms[verdict.failed]
+                    )
                 return verdict
         self._fallback.inc()
         if self.local is None:
@@ -119,6 +134,33 @@ class SharedState:
         verdict = self.local.hit_now([self._scaled(c) for c in counters])
         verdict.local = True
         return verdict
+
+    def _remember_full(self, key: str, reset_ms: int) -> None:
+        # Nothing fits in this counter for reset_ms: its requests are refused here without a
+        # round trip, for at most FULL_TTL, so that a flood from one client costs Redis one
+        # call a second and an outage is still noticed within a second.
+        if len(self._full) >= MAX_FULL_KEYS:
+            self._full.clear()
+        now = asyncio.get_running_loop().time()
+        fits = now + reset_ms / 1000
+        self._full[key] = (min(fits, now + FULL_TTL), fits)
+
+    def _cached_refusal(self, counters: Sequence[Counter]) -> Verdict | None:
+        now = asyncio.get_running_loop().time()
+        for i, c in enumerate(counters):
+            record = self._full.get(c.key)
+            if record is None:
+                continue
+            if record[0] <= now:
+                del self._full[c.key]
+                continue
+            if c.amount > 0:
+                self._full_hit.inc()
+                n = len(counters)
+                reset = [0] * n
+                reset[i] = max(1, round((record[1] - now) * 1000))
+                return Verdict(False, i, [0] * n, reset)
+        return None
 
     def _scaled(self, c: Counter) -> Counter:
         limit = max(1, c.limit // self.replicas)

@@ -62,7 +62,8 @@ AUTH_FAILURES = Counter(
 )
 CACHE_REQUESTS = Counter(
     "gateway_cache_requests_total",
-    "Cache lookups by cache (jwt: verified tokens, jwks: key ids) and result (hit, miss).",
+    "Cache lookups by cache (jwt: verified tokens, jwks: key ids, over_limit: requests refused "
+    "without a store call, hits only) and result (hit, miss).",
     ["cache", "result"],
     registry=REGISTRY,
 )

@@ -144,3 +144,33 @@ def test_token_reservations_settle_to_the_real_usage(
     assert b'"prompt_tokens"' not in body and body.rstrip().endswith(b"data: [DONE]")
     total += 5 + 6  # "Echo:" and the five words: the real usage, not the estimate
     assert _settled(redis_server, key, total) == str(total)
+
+
+def _evalsha_calls(server: RedisServer) -> int:
+    for line in server.cli("INFO", "commandstats").splitlines():
+        if line.startswith("cmdstat_evalsha:"):
+            return int(line.split("calls=")[1].split(",")[0])
+    return 0
+
+
+def test_full_counters_refuse_locally_until_they_reset(
+    start_gateway: StartGateway, mock_llm: MockLLM, redis_server: RedisServer
+) -> None:
+    policy = (
+        'version: 1\nupstream: {url: "{upstream}"}\n'
+        f'state: {{url: "{redis_server.url}", key_prefix: full, timeout: 500ms}}\n'
+        "rate_limits: {per_ip: 3/day}\n"
+    )
+    gw = start_gateway(policy, mock_llm.url)
+    _wait_past_midnight()
+    before = _evalsha_calls(redis_server)
+    with httpx.Client(base_url=gw.url) as client:
+        answers = [client.get("/echo/x") for _ in range(10)]
+    assert [a.status_code for a in answers] == [200] * 3 + [429] * 7
+    # 3 admitted and the first refusal went to Redis; the other 6 were refused locally...
+    assert _evalsha_calls(redis_server) - before == 4
+    assert gw.metric("gateway_cache_requests_total", {"cache": "over_limit", "result": "hit"}) == 6
+    # ...with the same answer: the wait until the counter has room again.
+    waits = {int(a.headers["retry-after"]) for a in answers[3:]}
+    assert len(waits) <= 2 and min(waits) > 60, waits  # a day-long window: hours, not seconds
+    assert all(a.json()["error"]["scope"] == "ip" for a in answers[3:])

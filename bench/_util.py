@@ -234,6 +234,17 @@ def json_body(size: int = 1024) -> bytes:
     return head + b"x" * max(0, size - len(head) - len(tail)) + tail
 
 
+def write_readme_section(start: str, end: str, lines: list[str]) -> None:
+    """Replace the text between the ``start`` and ``end`` markers of README.md with ``lines``."""
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    text = readme.read_text()
+    if start not in text or end not in text:
+        raise SystemExit(f"README.md has no {start} ... {end} markers")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n" + "\n".join(lines) + f"\n{end}{tail}")
+
+
 def rss_mb(pid: int) -> float:
     """Resident set size (VmRSS) of ``pid`` in MiB, read from /proc/PID/status."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

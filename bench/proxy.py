@@ -34,6 +34,7 @@ from bench._util import (
     start_nginx,
     stop_process,
     wait_port,
+    write_readme_section,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -177,16 +178,6 @@ def summarise(res: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_readme(lines: list[str]) -> None:
-    """Put the summary between the bench markers of README.md."""
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    readme.write_text(f"{head}{start}\n" + "\n".join(lines) + f"\n{end}{tail}")
-
-
 def main() -> None:
     """Run, print, save; optionally update the README."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -200,7 +191,7 @@ def main() -> None:
     lines = summarise(res)
     print("\n".join(lines))
     if args.write_readme:
-        write_readme(lines)
+        write_readme_section("<!-- bench:start -->", "<!-- bench:end -->", lines)
 
 
 if __name__ == "__main__":

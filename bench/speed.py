@@ -34,7 +34,15 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from bench._util import free_port, json_body, run_wrk, start_nginx, stop_process, wait_port
+from bench._util import (
+    free_port,
+    json_body,
+    run_wrk,
+    start_nginx,
+    stop_process,
+    wait_port,
+    write_readme_section,
+)
 from bench.proxy import ROOT, PeakRss, start_gateway
 from bench.telemetry import _Sink
 
@@ -245,18 +253,6 @@ def _ok(passed: bool) -> str:
     return "✅" if passed else "❌"
 
 
-def write_readme(lines: list[str]) -> None:
-    """Replace the text between the README's speed markers."""
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    start, end = "<!-- bench:speed:start -->", "<!-- bench:speed:end -->"
-    if start not in text or end not in text:
-        raise SystemExit("README.md has no bench:speed markers")
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    readme.write_text(head + start + "\n" + "\n".join(lines) + "\n" + end + tail)
-
-
 def main() -> None:
     """CLI entry point."""
     parser = argparse.ArgumentParser(prog="python -m bench.speed", description=__doc__)
@@ -270,7 +266,7 @@ def main() -> None:
     lines = summarise(res)
     print("\n".join(lines))
     if args.write_readme:
-        write_readme(lines)
+        write_readme_section("<!-- bench:speed:start -->", "<!-- bench:speed:end -->", lines)
 
 
 if __name__ == "__main__":

@@ -7,22 +7,16 @@ say exactly what goes over the wire: keep-alive, pool limits, replay, framing, b
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import hashlib
-import ipaddress
-import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from gateway.errors import UpstreamError
 from gateway.policy.sections import UpstreamConfig
 from gateway.upstream import Upstream
+from tests.certs import make_tls
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -309,43 +303,10 @@ def test_read_timeout_between_chunks_and_split_headers_refused() -> None:
     asyncio.run(run())
 
 
-def _cert(tmp: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 def test_https_upstream_verified_against_trust_store(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cert, key = _cert(tmp_path)
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(cert, key)
+    ca, ctx = make_tls(tmp_path)
 
     async def run() -> None:
         server = await asyncio.start_server(keep_alive_server, "127.0.0.1", 0, ssl=ctx)
@@ -355,7 +316,7 @@ def test_https_upstream_verified_against_trust_store(
             await get(untrusted)
         assert err.value.kind == "refused"  # certificate not trusted: never sent
         await untrusted.close()
-        monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the system trust store, as in a pod
+        monkeypatch.setenv("SSL_CERT_FILE", str(ca))  # the system trust store, as in a pod
         trusted = upstream(port, scheme="https")
         assert await get(trusted) == b"ok"
         assert await get(trusted) == b"ok"

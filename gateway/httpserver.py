@@ -47,6 +47,11 @@ class CorkedTransport:
         self.flush()
         self._transport.close()
 
+    def write_eof(self) -> None:
+        """Flush, then half-close."""
+        self.flush()
+        self._transport.write_eof()
+
     def is_closing(self) -> bool:
         """As the real transport."""
         return self._transport.is_closing()

@@ -9,7 +9,7 @@ import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
@@ -26,6 +26,9 @@ from gateway.telemetry import metrics
 from gateway.telemetry.logging import setup_logging
 from gateway.telemetry.request_metrics import CONNECTIONS
 from gateway.telemetry.tracing import Tracing
+
+if TYPE_CHECKING:
+    from gateway.grpcproxy import GrpcListener
 
 log = logging.getLogger("gateway.server")
 
@@ -82,6 +85,26 @@ def uvicorn_config(app: ASGIApp, listen: str, **extra: Any) -> uvicorn.Config:
     )
 
 
+async def _start_grpc(
+    policy: Policy, app: GatewayApp, admin: AdminApp, tracing: Tracing
+) -> GrpcListener | None:
+    """The gRPC listener when the policy has a ``grpc`` section (see ``gateway.grpcproxy``)."""
+    if policy.grpc is None:
+        return None
+    from gateway.grpcproxy import start_grpc  # grpcio loads only when gRPC is on
+
+    listener = await start_grpc(
+        policy.grpc,
+        lambda: app.pipeline,
+        admin.failing,
+        tracing,
+        policy.telemetry.access_log,
+        policy.drain_timeout,
+    )
+    admin.checks["grpc.upstream"] = listener.upstream_check
+    return listener
+
+
 async def serve(path: Path, overrides: Overrides = Overrides()) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit code."""
     policy = overrides.apply(load_policy(path))
@@ -105,6 +128,7 @@ async def serve(path: Path, overrides: Overrides = Overrides()) -> int:
     CONNECTIONS.count = lambda: len(main.server_state.connections)
     metrics.IN_FLIGHT.set_function(lambda: app.inflight)  # read at scrape, not per request
 
+    grpc = await _start_grpc(policy, app, admin, tracing)
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
@@ -112,6 +136,8 @@ async def serve(path: Path, overrides: Overrides = Overrides()) -> int:
             log.info("draining", extra={"grace_seconds": app.pipeline.policy.drain_timeout})
         admin.draining = True
         main.should_exit = True
+        if grpc is not None:
+            grpc.drain(app.pipeline.policy.drain_timeout)
 
     loop.add_signal_handler(signal.SIGTERM, stop)
     loop.add_signal_handler(signal.SIGINT, stop)
@@ -131,6 +157,8 @@ async def serve(path: Path, overrides: Overrides = Overrides()) -> int:
     try:
         await main.serve()
     finally:
+        if grpc is not None:
+            await grpc.stopped()
         watcher.cancel()
         admin_srv.should_exit = True
         await admin_task

@@ -257,7 +257,7 @@ class Proxy:
     ) -> grpc.StatusCode:
         try:
             call = self.upstream.method(method)(
-                requests, metadata=tuple(md), timeout=self._timeout(context)
+                _forward(requests, context), metadata=tuple(md), timeout=self._timeout(context)
             )
         except (ValueError, TypeError):
             # grpc refuses metadata it cannot send (bad key or value): the client's fault.
@@ -317,6 +317,21 @@ class Proxy:
             }
             fields.update(ctx.notes)
             access.info("grpc call", extra=fields)
+
+
+class ClientGone(Exception):
+    """The client's stream ended by a cancel, not a half-close."""
+
+
+async def _forward(requests: AsyncIterator[bytes], context: Context) -> AsyncIterator[bytes]:
+    """The client's messages for the upstream call. A cancelled client's stream also just
+    ends; passed on as is, that would reach the upstream as a half-close (a normal end of
+    input) before the cancel. Raising here makes grpc cancel the upstream call instead."""
+    async for message in requests:
+        yield message
+    await asyncio.sleep(0)  # let grpc mark the call cancelled first
+    if context.cancelled() or context.done():
+        raise ClientGone
 
 
 class ProxyHandler(grpc.GenericRpcHandler):

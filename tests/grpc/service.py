@@ -67,10 +67,19 @@ def build(pb2: Any, pb2_grpc: Any) -> Any:
             return pb2.Msg(text="+".join(texts), count=len(texts))
 
         async def BidiStream(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
+            watch = False
             try:
                 async for m in request_iterator:
+                    watch = watch or m.count < 0
                     yield pb2.Msg(text=m.text.upper(), count=m.count)
-            except asyncio.CancelledError:
+                if watch:
+                    # A cancel also ends the request stream here (grpc reads it as the end
+                    # of input): wait a moment for the call to show it was cancelled.
+                    await asyncio.sleep(0.3)
+                    if context.cancelled():
+                        EVENTS.append("cancelled bidi")
+                    yield pb2.Msg(text="END")
+            except (asyncio.CancelledError, GeneratorExit):
                 EVENTS.append("cancelled bidi")
                 raise
 

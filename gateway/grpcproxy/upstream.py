@@ -33,6 +33,9 @@ def channel_options(cfg: GrpcConfig) -> list[tuple[str, Any]]:
         ("grpc.min_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 1000),
         ("grpc.primary_user_agent", "gateway"),
+        # Connections of its own: a channel rebuilt with new certificates must not pick up
+        # a connection of the old one from grpc's process-wide pool.
+        ("grpc.use_local_subchannel_pool", 1),
     ]
     if cfg.upstream_tls is not None and cfg.upstream_tls.server_name:
         opts.append(("grpc.ssl_target_name_override", cfg.upstream_tls.server_name))

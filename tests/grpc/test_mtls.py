@@ -20,6 +20,8 @@ from tests.grpc.conftest import (
     handled,
 )
 
+SECRET_FILES = ("ca.crt", "gateway.crt", "gateway.key", "gateway-client.crt", "gateway-client.key")
+
 
 def mtls_policy(files: Callable[[str], str], interval: str = "5s") -> str:
     """Inbound mTLS (pod CA) and outbound mTLS with the gateway's client certificate."""

@@ -23,7 +23,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class Health(health_pb2_grpc.HealthServicer):
-    """The health service, backed by the gateway's readiness."""
+    """The health service, backed by the gateway's readiness (``/readyz``'s checks)."""
 
     def __init__(self, readiness: Readiness, interval: float = 1.0) -> None:
         self.readiness = readiness
@@ -33,6 +33,9 @@ class Health(health_pb2_grpc.HealthServicer):
         self._pending: asyncio.Future[int] | None = None
         self.changed = asyncio.Event()
         """Set to wake the watchers at once (drain)."""
+        self.closing = False
+        """Set on drain: watchers get their last status and their stream ends, so they do
+        not hold the drain's grace period the way a call in flight does."""
 
     async def status(self) -> int:
         """SERVING or NOT_SERVING, from a readiness check at most ``interval`` old."""
@@ -52,9 +55,10 @@ class Health(health_pb2_grpc.HealthServicer):
         self._at = time.monotonic()
         return self._status
 
-    def invalidate(self) -> None:
+    def invalidate(self, closing: bool = False) -> None:
         """Forget the cached status and wake the watchers (readiness changed now)."""
         self._status = None
+        self.closing = self.closing or closing
         self.changed.set()
 
     async def Check(
@@ -73,6 +77,8 @@ class Health(health_pb2_grpc.HealthServicer):
             if status != last:
                 last = status
                 yield health_pb2.HealthCheckResponse(status=status)
+            if self.closing:
+                return
             self.changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.changed.wait(), self.interval)

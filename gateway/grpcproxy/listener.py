@@ -85,7 +85,7 @@ class GrpcListener:
     def drain(self, grace: float) -> None:
         """Stop taking calls and let those in flight finish for ``grace`` seconds (once)."""
         if self._stopping is None:
-            self.health.invalidate()
+            self.health.invalidate(closing=True)
             self._stopping = asyncio.get_running_loop().create_task(self._stop(grace))
 
     async def _stop(self, grace: float) -> None:

@@ -255,25 +255,42 @@ class Proxy:
         md: Metadata,
         ours: Metadata,
     ) -> grpc.StatusCode:
+        it = aiter(requests)
+        opening = await _opening(it)
+        timeout = self._timeout(context)
+        call: grpc.aio.Call
         try:
-            call = self.upstream.method(method)(
-                _forward(requests, context), metadata=tuple(md), timeout=self._timeout(context)
-            )
+            if isinstance(opening, bytes):
+                # One message and the half-close: sent upstream in one batch, so an upstream
+                # that answers at once (UNIMPLEMENTED, its own auth) cannot race our write
+                # (grpc would report that race as INTERNAL instead of the upstream's status).
+                call = self.upstream.unary_method(method)(
+                    opening, metadata=tuple(md), timeout=timeout
+                )
+            else:
+                call = self.upstream.method(method)(
+                    _forward(it, opening, context), metadata=tuple(md), timeout=timeout
+                )
         except (ValueError, TypeError):
             # grpc refuses metadata it cannot send (bad key or value): the client's fault.
+            if isinstance(opening, _Opening):
+                opening.cancel()
             context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
             context.set_details("metadata that cannot be forwarded")
             return grpc.StatusCode.INVALID_ARGUMENT
+        answers: AsyncIterator[bytes] = call  # type: ignore[assignment]
         try:
             initial = await call.initial_metadata()
             await context.send_initial_metadata(tuple([*answer_metadata(initial), *ours]))
-            async for message in call:
+            async for message in answers:
                 await context.write(message)
         except grpc.aio.AioRpcError:
             pass  # the status is read below, from the call
         finally:
             if not call.done():
                 call.cancel()  # the client left (cancelled, deadline) or writing failed
+            if isinstance(opening, _Opening):
+                opening.cancel()
         code = await call.code()
         details = await call.details()
         trailing = answer_metadata(await call.trailing_metadata())
@@ -319,16 +336,69 @@ class Proxy:
             access.info("grpc call", extra=fields)
 
 
+UNARY_WINDOW = 0.002
+"""How long to wait after a call's first message for the client's half-close (a unary
+request brings both in one go; a streaming client that sends more later just waits this
+long once)."""
+
+
+class _Opening:
+    """The start of a client stream that is not (only) one message and a half-close: the
+    first message, if any, and the read of the next one, still pending."""
+
+    __slots__ = ("first", "pending")
+
+    def __init__(self, first: bytes | None, pending: asyncio.Future[bytes] | None) -> None:
+        self.first = first
+        self.pending = pending
+
+    def cancel(self) -> None:
+        """Drop the pending read (the call is over)."""
+        if self.pending is not None and not self.pending.done():
+            self.pending.cancel()
+
+
+def _seen(future: asyncio.Future[bytes]) -> None:
+    # The read may end (end of stream, failed read) after the call is over and nobody
+    # awaits it any more: take its outcome so asyncio does not log it as lost.
+    if not future.cancelled():
+        future.exception()
+
+
+async def _opening(it: AsyncIterator[bytes]) -> bytes | _Opening:
+    """The single message of a unary request, or the opening of a stream."""
+    try:
+        first = await anext(it)
+    except StopAsyncIteration:
+        return _Opening(None, None)
+    pending = asyncio.ensure_future(anext(it))
+    pending.add_done_callback(_seen)
+    done, _ = await asyncio.wait({pending}, timeout=UNARY_WINDOW)
+    if done and isinstance(pending.exception(), StopAsyncIteration):
+        return first
+    return _Opening(first, pending)
+
+
 class ClientGone(Exception):
     """The client's stream ended by a cancel, not a half-close."""
 
 
-async def _forward(requests: AsyncIterator[bytes], context: Context) -> AsyncIterator[bytes]:
+async def _forward(
+    it: AsyncIterator[bytes], opening: _Opening, context: Context
+) -> AsyncIterator[bytes]:
     """The client's messages for the upstream call. A cancelled client's stream also just
     ends; passed on as is, that would reach the upstream as a half-close (a normal end of
     input) before the cancel. Raising here makes grpc cancel the upstream call instead."""
-    async for message in requests:
-        yield message
+    if opening.first is not None:
+        yield opening.first
+    if opening.pending is not None:
+        try:
+            yield await opening.pending
+        except StopAsyncIteration:
+            pass
+        else:
+            async for message in it:
+                yield message
     await asyncio.sleep(0)  # let grpc mark the call cancelled first
     if context.cancelled() or context.done():
         raise ClientGone

@@ -19,6 +19,7 @@ from gateway.policy.sections import GrpcConfig
 log = logging.getLogger("gateway.grpc.upstream")
 
 StreamCallable = grpc.aio.StreamStreamMultiCallable[bytes, bytes]
+UnaryCallable = grpc.aio.UnaryStreamMultiCallable[bytes, bytes]
 MAX_CACHED_METHODS = 1024
 
 
@@ -54,6 +55,7 @@ class UpstreamChannel:
         self.files = ClientFiles.load(tls) if tls is not None else None
         self.channel = self._open()
         self._methods: dict[str, StreamCallable] = {}
+        self._unary: dict[str, UnaryCallable] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self.reloads = 0
 
@@ -71,6 +73,16 @@ class UpstreamChannel:
             found = self.channel.stream_stream(name)
             if len(self._methods) < MAX_CACHED_METHODS:
                 self._methods[name] = found
+        return found
+
+    def unary_method(self, name: str) -> UnaryCallable:
+        """The raw-bytes unary-stream callable for ``name``, for calls whose client sent one
+        message and half-closed (unary and server-streaming calls)."""
+        found = self._unary.get(name)
+        if found is None:
+            found = self.channel.unary_stream(name)
+            if len(self._unary) < MAX_CACHED_METHODS:
+                self._unary[name] = found
         return found
 
     async def ready(self, wait: float = 1.0) -> bool:
@@ -103,6 +115,7 @@ class UpstreamChannel:
         self.files = files
         old, self.channel = self.channel, self._open()
         self._methods = {}
+        self._unary = {}
         self.reloads += 1
         task = asyncio.get_running_loop().create_task(old.close(self.drain))
         self._closing.add(task)

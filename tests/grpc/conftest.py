@@ -146,6 +146,10 @@ def start_grpc_gateway(tmp_path: Path, mock_llm: MockLLM) -> Iterator[StartGrpcG
     yield start
     for gw in started:
         gw.stop()
+    for gw in started:  # a call the gateway failed to handle would show here
+        text = gw.log_path.read_text(errors="replace")
+        errors = [line for line in text.splitlines() if '"level": "error"' in line]
+        assert errors == [], f"the gateway logged errors:\n{errors[:3]}"
 
 
 def plaintext_policy(extra: str = "", grpc_extra: str = "") -> str:

@@ -238,3 +238,43 @@ def test_message_size_limits(
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
         # The gateway still serves afterwards.
         assert stub.Unary(pb2.Msg(text="ok"), timeout=5).text == "ok"
+
+
+def test_bad_input_neither_crashes_nor_hangs(
+    start_grpc_gateway: StartGrpcGateway, echo: EchoService, stubs: Stubs
+) -> None:
+    gw = start_grpc_gateway(plaintext_policy(), echo.address)
+    pb2 = stubs.pb2
+    with channel(gw.grpc_address) as ch:
+        stub = stubs.grpc.EchoStub(ch)
+        odd = [
+            ("authorization", "Bearer \x7f"[:7] + "~" * 4000),
+            ("x-junk-bin", bytes(range(256)) * 8),
+            ("grpc-timeout", "1n"),  # grpc's own key: dropped by the client library or us
+            ("x-request-id", "../../etc/passwd"),  # not a sane id: replaced
+        ]
+        reply = stub.Unary(pb2.Msg(text="odd"), metadata=odd, timeout=5)
+        seen = dict(reply.metadata)
+        assert seen["x-request-id"] != "../../etc/passwd" and len(seen["x-request-id"]) == 32
+        # Metadata over grpc's limit (8 KiB by default) is refused by grpc before the handler.
+        with channel(gw.grpc_address) as other, pytest.raises(grpc.RpcError) as info:
+            big = [("x-big", "v" * 20_000)]
+            stubs.grpc.EchoStub(other).Unary(pb2.Msg(text="big"), metadata=big, timeout=5)
+        assert info.value.code() in (  # type: ignore[attr-defined]
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            grpc.StatusCode.INTERNAL,
+        )
+        # A method the upstream does not have: its UNIMPLEMENTED comes back.
+        unknown = ch.unary_unary("/nope.Nope/Missing")
+        with pytest.raises(grpc.RpcError) as info:
+            unknown(b"\x01\x02garbage", timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
+        # A body that is not a valid message for the method: the upstream's answer comes back.
+        raw = ch.unary_unary("/echo.Echo/Unary")
+        with pytest.raises(grpc.RpcError) as info:
+            raw(b"\xff\xff\xff\xff", timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNKNOWN  # type: ignore[attr-defined]
+        assert "Wire format was corrupt" in info.value.details()  # type: ignore[attr-defined]
+        assert stub.Unary(pb2.Msg(text="fine"), timeout=5).text == "fine"
+    assert handled(gw, "Missing", "UNIMPLEMENTED", service="nope.Nope") == 1
+    assert "Traceback" not in gw.log()

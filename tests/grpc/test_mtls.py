@@ -199,3 +199,26 @@ def test_a_half_written_rotation_keeps_the_old_certificates(
     with client(gw, pki) as ch:
         reply = stubs.grpc.EchoStub(ch).Unary(stubs.pb2.Msg(text="still"), timeout=5)
     assert (reply.text, reply.peer_cn) == ("still", "gateway-client")
+
+
+def test_gateway_refuses_to_start_with_unusable_certificates(pki: Pki, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.procs import ROOT, free_port
+
+    policy = tmp_path / "policy.yaml"
+    text = mtls_policy(pki.path).replace("{http_upstream}", "http://127.0.0.1:9")
+    text = text.replace("{grpc_port}", str(free_port())).replace("{upstream}", "127.0.0.1:9")
+    policy.write_text(text.replace(pki.path("gateway.key"), pki.path("client.key")))
+    ports = ["--listen", f"127.0.0.1:{free_port()}", "--admin-listen", f"127.0.0.1:{free_port()}"]
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "run", "-c", str(policy), *ports],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode != 0
+    assert "grpc.tls: the key does not belong to the certificate" in done.stderr + done.stdout
+    assert "BEGIN" not in done.stderr + done.stdout  # no key material in the message

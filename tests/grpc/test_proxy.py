@@ -64,6 +64,7 @@ def test_four_call_kinds_and_metadata(
         assert "b7ad6b7169203331" not in seen["traceparent"]
         initial = dict(call.initial_metadata())
         assert initial["x-echo-initial"] == "yes" and initial["x-request-id"] == "req-123"
+        assert initial["traceparent"].startswith("00-0af7651916cd43dd8448eb211c80319c-")
         assert dict(call.trailing_metadata())["x-echo-trailing"] == "done"
 
         stream = stub.ServerStream(pb2.Msg(text="s", count=4), timeout=5)

@@ -106,10 +106,14 @@ class Proxy:
             code = grpc.StatusCode.CANCELLED  # the client cancelled or its deadline passed
             raise
         except Exception:
-            log.exception("unhandled error in a gRPC call", extra={"method": method})
-            code = grpc.StatusCode.INTERNAL
-            context.set_code(code)
-            context.set_details("the gateway failed to handle the call")
+            if context.cancelled():
+                # The client left while we wrote to it: not an error of ours.
+                code = grpc.StatusCode.CANCELLED
+            else:
+                log.exception("unhandled error in a gRPC call", extra={"method": method})
+                code = grpc.StatusCode.INTERNAL
+                context.set_code(code)
+                context.set_details("the gateway failed to handle the call")
         finally:
             self.inflight -= 1
             try:

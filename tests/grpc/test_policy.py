@@ -165,3 +165,27 @@ def test_limits_shared_through_redis(
                 codes.append(err.code())  # type: ignore[attr-defined]
     ok, limited = grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED
     assert codes == [ok, ok, ok, limited, limited]
+
+
+def test_a_policy_reload_applies_to_new_calls(
+    start_grpc_gateway: StartGrpcGateway, echo: EchoService, stubs: Stubs
+) -> None:
+    import signal
+
+    gw = start_grpc_gateway(plaintext_policy(), echo.address, env=ENV)
+    with channel(gw.grpc_address) as ch:
+        unary = stubs.grpc.EchoStub(ch).Unary
+        assert unary(stubs.pb2.Msg(text="open"), timeout=5).text == "open"
+        gw.policy.write_text(gw.policy.read_text() + AUTH)
+        gw.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "policy reloaded" not in gw.log():
+            assert time.monotonic() < deadline, gw.log()
+            time.sleep(0.05)
+        err = error(unary, stubs, [])
+        assert err.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+        token = bearer("dave")
+        assert unary(stubs.pb2.Msg(text="in"), metadata=[token], timeout=5).text == "in"
+    log = gw.log()
+    assert '"msg": "grpc call"' in log and '"user": "dave"' in log
+    assert token[1].split()[1] not in log  # the token is never logged

@@ -13,6 +13,9 @@ is needed. For each call:
 4. the upstream's initial metadata, messages, status code, details and trailing metadata
    passed back unchanged. A client that cancels (or whose deadline passes) cancels the
    upstream call; an upstream that ends a call with ``CANCELLED`` ends the client's so.
+   (grpcio's server ends a cancelled client's message stream as if it had half-closed, a
+   moment before it cancels the handler: the upstream may see the end of input just before
+   the cancel, as it would from that client directly.)
 
 Failures of the hop itself get the gateway's words, not grpc's (which name addresses):
 upstream unreachable or gone mid-call → ``UNAVAILABLE`` "the upstream is unavailable".
@@ -273,7 +276,7 @@ class Proxy:
                 )
             else:
                 call = self.upstream.method(method)(
-                    _forward(it, opening, context), metadata=tuple(md), timeout=timeout
+                    _forward(it, opening), metadata=tuple(md), timeout=timeout
                 )
         except (ValueError, TypeError):
             # grpc refuses metadata it cannot send (bad key or value): the client's fault.
@@ -383,29 +386,17 @@ async def _opening(it: AsyncIterator[bytes]) -> bytes | _Opening:
     return _Opening(first, pending)
 
 
-class ClientGone(Exception):
-    """The client's stream ended by a cancel, not a half-close."""
-
-
-async def _forward(
-    it: AsyncIterator[bytes], opening: _Opening, context: Context
-) -> AsyncIterator[bytes]:
-    """The client's messages for the upstream call. A cancelled client's stream also just
-    ends; passed on as is, that would reach the upstream as a half-close (a normal end of
-    input) before the cancel. Raising here makes grpc cancel the upstream call instead."""
+async def _forward(it: AsyncIterator[bytes], opening: _Opening) -> AsyncIterator[bytes]:
+    """The client's messages for the upstream call, the opening first."""
     if opening.first is not None:
         yield opening.first
     if opening.pending is not None:
         try:
             yield await opening.pending
         except StopAsyncIteration:
-            pass
-        else:
-            async for message in it:
-                yield message
-    await asyncio.sleep(0)  # let grpc mark the call cancelled first
-    if context.cancelled() or context.done():
-        raise ClientGone
+            return
+        async for message in it:
+            yield message
 
 
 class ProxyHandler(grpc.GenericRpcHandler):

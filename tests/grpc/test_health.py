@@ -43,6 +43,8 @@ def test_health_follows_readiness(
         assert health.Check(check, timeout=5).status == SERVING
         named = health_pb2.HealthCheckRequest(service="echo.Echo")
         assert health.Check(named, timeout=5).status == SERVING
+        listed = health.List(health_pb2.HealthListRequest(), timeout=5)  # type: ignore[attr-defined]
+        assert listed.statuses[""].status == SERVING
         seen, stream = watch(ch)
         assert seen.get(timeout=5) == SERVING
         echo.stop()  # the gRPC upstream is gone: not ready

@@ -60,10 +60,12 @@ NO_DEADLINE = 1e7
 """``time_remaining()`` above this many seconds means the client set no deadline."""
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 _PEER = re.compile(r"^ipv[46]:\[?([^\]]*?)\]?:\d+$")
+# grpc's own texts for a broken hop (they name addresses); an upstream's own UNAVAILABLE
+# details do not look like these and pass unchanged.
 _LOCAL_FAILURE = re.compile(
-    r"failed to connect|connections to all backends failing|socket closed|connection reset|"
-    r"broken pipe|recvmsg|sendmsg|goaway|rst_stream|endpoint closing|connection refused|"
-    r"ssl|handshake|certificate",
+    r"failed to connect to all addresses|connections to all backends failing|socket closed|"
+    r"connection reset|broken pipe|recvmsg|sendmsg|goaway|rst_stream|endpoint closing|"
+    r"connection refused|handshake failed",
     re.IGNORECASE,
 )
 UNAVAILABLE_TEXT = "the upstream is unavailable"
@@ -344,14 +346,14 @@ class Proxy:
 
 
 UNARY_WINDOW = 0.002
-"""How long to wait after a call's first message for the client's half-close (a unary
-request brings both in one go; a streaming client that sends more later just waits this
-long once)."""
+"""How long to wait for a call's first message and the client's half-close before calling
+upstream: a unary request brings both at once; a streaming client is only delayed this long
+once (and a client that waits for the service to speak first is not waited for)."""
 
 
 class _Opening:
-    """The start of a client stream that is not (only) one message and a half-close: the
-    first message, if any, and the read of the next one, still pending."""
+    """The start of a client stream that is not one message and a half-close: the first
+    message when it came within the window, and the read still pending, if any."""
 
     __slots__ = ("first", "pending")
 
@@ -372,18 +374,27 @@ def _seen(future: asyncio.Future[bytes]) -> None:
         future.exception()
 
 
+def _read(it: AsyncIterator[bytes]) -> asyncio.Future[bytes]:
+    future = asyncio.ensure_future(anext(it))
+    future.add_done_callback(_seen)
+    return future
+
+
 async def _opening(it: AsyncIterator[bytes]) -> bytes | _Opening:
     """The single message of a unary request, or the opening of a stream."""
-    try:
-        first = await anext(it)
-    except StopAsyncIteration:
+    deadline = time.monotonic() + UNARY_WINDOW
+    read = _read(it)
+    done, _ = await asyncio.wait({read}, timeout=UNARY_WINDOW)
+    if not done:
+        return _Opening(None, read)  # nothing yet: maybe the service is to speak first
+    if isinstance(read.exception(), StopAsyncIteration):
         return _Opening(None, None)
-    pending = asyncio.ensure_future(anext(it))
-    pending.add_done_callback(_seen)
-    done, _ = await asyncio.wait({pending}, timeout=UNARY_WINDOW)
-    if done and isinstance(pending.exception(), StopAsyncIteration):
+    first = read.result()
+    read = _read(it)
+    done, _ = await asyncio.wait({read}, timeout=max(0.0, deadline - time.monotonic()))
+    if done and isinstance(read.exception(), StopAsyncIteration):
         return first
-    return _Opening(first, pending)
+    return _Opening(first, read)
 
 
 async def _forward(it: AsyncIterator[bytes], opening: _Opening) -> AsyncIterator[bytes]:

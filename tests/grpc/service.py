@@ -68,6 +68,8 @@ def build(pb2: Any, pb2_grpc: Any) -> Any:
 
         async def BidiStream(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
             watch = False
+            if ("x-greet", "1") in tuple(context.invocation_metadata() or ()):
+                yield pb2.Msg(text="HELLO")  # the service speaks first
             try:
                 async for m in request_iterator:
                     watch = watch or m.count < 0

@@ -102,6 +102,31 @@ def test_bidi_stream_interleaves(
         assert list(answers) == []
 
 
+def test_bidi_stream_where_the_service_speaks_first(
+    start_grpc_gateway: StartGrpcGateway, echo: EchoService, stubs: Stubs
+) -> None:
+    """The client sends nothing until the service's greeting: the gateway must not wait for
+    the client's first message before calling upstream."""
+    gw = start_grpc_gateway(plaintext_policy(), echo.address)
+    pb2 = stubs.pb2
+    with channel(gw.grpc_address) as ch:
+        outbox: queue.Queue[object] = queue.Queue()
+
+        def requests() -> object:
+            while (item := outbox.get(timeout=10)) is not None:
+                yield item
+
+        stub = stubs.grpc.EchoStub(ch)
+        answers = stub.BidiStream(requests(), metadata=[("x-greet", "1")], timeout=5)
+        try:
+            assert next(answers).text == "HELLO"
+            outbox.put(pb2.Msg(text="hi"))
+            assert next(answers).text == "HI"
+        finally:
+            outbox.put(None)
+        assert list(answers) == []
+
+
 def test_status_details_and_trailing_metadata_unchanged(
     start_grpc_gateway: StartGrpcGateway, echo: EchoService, stubs: Stubs
 ) -> None:

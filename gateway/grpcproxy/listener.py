@@ -21,14 +21,15 @@ from gateway.telemetry.tracing import Tracing
 log = logging.getLogger("gateway.grpc")
 
 
-def server_options(cfg: GrpcConfig) -> list[tuple[str, Any]]:
-    """Options of the listener."""
+def server_options(cfg: GrpcConfig, reuse_port: bool = False) -> list[tuple[str, Any]]:
+    """Options of the listener; ``reuse_port`` for processes meant to share the port."""
     return [
         ("grpc.max_receive_message_length", cfg.max_message_bytes),
         ("grpc.max_send_message_length", cfg.max_message_bytes),
         # grpc turns SO_REUSEPORT on by default: a second process could then share the port
-        # silently (and take half of the calls); a sidecar wants a clear "address in use".
-        ("grpc.so_reuseport", 0),
+        # silently (and take half of the calls); a sidecar wants a clear "address in use",
+        # unless it runs several worker processes on purpose.
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
 
 
@@ -43,6 +44,7 @@ class GrpcListener:
         tracing: Tracing | None,
         access_log: bool,
         drain: float,
+        reuse_port: bool = False,
     ) -> None:
         self.cfg = cfg
         self.upstream = UpstreamChannel(cfg, drain)
@@ -51,13 +53,18 @@ class GrpcListener:
         self.server_certs = (
             ServerCredentials(cfg.tls, cfg.tls_reload_interval) if cfg.tls is not None else None
         )
-        self.server = grpc.aio.server(options=server_options(cfg))
+        self.server = grpc.aio.server(options=server_options(cfg, reuse_port))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.server.add_generic_rpc_handlers((ProxyHandler(self.proxy),))
-        if self.server_certs is not None:
-            self.port = self.server.add_secure_port(cfg.listen, self.server_certs.credentials())
-        else:
-            self.port = self.server.add_insecure_port(cfg.listen)
+        try:
+            if self.server_certs is not None:
+                creds = self.server_certs.credentials()
+                self.port = self.server.add_secure_port(cfg.listen, creds)
+            else:
+                self.port = self.server.add_insecure_port(cfg.listen)
+        except RuntimeError:
+            # grpc's text points at GRPC_VERBOSITY; the cause is nearly always a port in use.
+            raise ValueError(f"grpc.listen: cannot listen on {cfg.listen} (in use?)") from None
         self._watch: asyncio.Task[None] | None = None
         self._stopping: asyncio.Task[None] | None = None
 
@@ -109,10 +116,12 @@ async def start_grpc(
     tracing: Tracing | None,
     access_log: bool,
     drain: float,
+    reuse_port: bool = False,
 ) -> GrpcListener:
-    """A started gRPC listener; raises when it cannot listen or its certificates are bad."""
-    listener = GrpcListener(cfg, current, readiness, tracing, access_log, drain)
+    """A started gRPC listener; ValueError when it cannot listen or its certificates are bad.
+    ``reuse_port``: bind with SO_REUSEPORT, for worker processes sharing the port."""
+    listener = GrpcListener(cfg, current, readiness, tracing, access_log, drain, reuse_port)
     if listener.port == 0:
-        raise RuntimeError(f"grpc.listen: cannot listen on {cfg.listen}")
+        raise ValueError(f"grpc.listen: cannot listen on {cfg.listen} (in use?)")
     await listener.start()
     return listener

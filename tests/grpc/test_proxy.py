@@ -7,8 +7,12 @@ deadlines, cancellation both ways, an upstream that is down, message size limits
 from __future__ import annotations
 
 import queue
+import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -22,6 +26,7 @@ from tests.grpc.conftest import (
     handled,
     plaintext_policy,
 )
+from tests.procs import ROOT, free_port
 
 
 def _events(stub: object, pb2: object, want: str, timeout: float = 5.0) -> str:
@@ -304,3 +309,32 @@ def test_bad_input_neither_crashes_nor_hangs(
         assert stub.Unary(pb2.Msg(text="fine"), timeout=5).text == "fine"
     assert handled(gw, "Missing", "UNIMPLEMENTED", service="nope.Nope") == 1
     assert "Traceback" not in gw.log()
+
+
+def test_a_grpc_port_in_use_stops_the_start(tmp_path: Path) -> None:
+    """No silent sharing of the port (grpc's default SO_REUSEPORT is turned off)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(
+            "version: 1\nupstream: {url: 'http://127.0.0.1:9'}\n"
+            f"grpc: {{listen: 127.0.0.1:{port}, upstream: 127.0.0.1:9, plaintext: true}}\n"
+        )
+        ports = [
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--admin-listen",
+            f"127.0.0.1:{free_port()}",
+        ]
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway", "run", "-c", str(policy), *ports],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert done.returncode == 1
+    assert f"grpc.listen: cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert "Traceback" not in done.stderr

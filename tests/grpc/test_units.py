@@ -116,3 +116,12 @@ def test_certificate_files_are_checked(tmp_path: Path) -> None:
     (tmp_path / "junk.crt").write_text("junk")
     with pytest.raises(CertError, match=r"upstream_tls\.ca: not a PEM"):
         ClientFiles.load(TlsClient(ca=str(tmp_path / "junk.crt")))
+
+
+def test_the_listener_shares_its_port_only_when_asked() -> None:
+    from gateway.grpcproxy.listener import server_options
+
+    policy = load_policy_text(BASE + "grpc: {upstream: '127.0.0.1:5000', plaintext: true}\n")
+    assert policy.grpc is not None
+    assert ("grpc.so_reuseport", 0) in server_options(policy.grpc)
+    assert ("grpc.so_reuseport", 1) in server_options(policy.grpc, reuse_port=True)

@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable
 
 from gateway.asgi import Receive, Scope, Send, send_simple
-from gateway.pipeline import Pipeline
+from gateway.pipeline import Pipeline, ReadinessCheck
 from gateway.telemetry import metrics
 
 _JSON = (b"content-type", b"application/json")
@@ -24,6 +24,19 @@ class AdminApp:
         self._current = current
         self.draining = False
         """Set on SIGTERM so readiness fails while in-flight requests finish."""
+        self.checks: dict[str, ReadinessCheck] = {}
+        """Readiness checks of listeners outside the pipeline (the gRPC upstream)."""
+
+    async def failing(self) -> list[str]:
+        """Why the gateway is not ready (``/readyz``, the gRPC health service); empty when it is."""
+        if self.draining:
+            return ["draining"]
+        failing = await self._current().readiness()
+        for name, check in self.checks.items():
+            reason = await check()
+            if reason is not None:
+                failing.append(f"{name}: {reason}")
+        return failing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -34,7 +47,7 @@ class AdminApp:
         elif path == "/healthz":
             status, headers, body = _json(200, {"status": "ok"})
         elif path == "/readyz":
-            failing = ["draining"] if self.draining else await self._current().readiness()
+            failing = await self.failing()
             if failing:
                 status, headers, body = _json(503, {"status": "not ready", "failing": failing})
             else:

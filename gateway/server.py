@@ -10,7 +10,7 @@ import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
@@ -28,6 +28,9 @@ from gateway.telemetry import metrics
 from gateway.telemetry.logging import setup_logging
 from gateway.telemetry.request_metrics import ACTIVE_CONNECTIONS
 from gateway.telemetry.tracing import Tracing
+
+if TYPE_CHECKING:
+    from gateway.grpcproxy import GrpcListener
 
 log = logging.getLogger("gateway.server")
 
@@ -84,6 +87,27 @@ def uvicorn_config(app: ASGIApp, listen: str, **extra: Any) -> uvicorn.Config:
     )
 
 
+async def _start_grpc(
+    policy: Policy, app: GatewayApp, admin: AdminApp, tracing: Tracing, worker: bool
+) -> GrpcListener | None:
+    """The gRPC listener when the policy has a ``grpc`` section (see ``gateway.grpcproxy``)."""
+    if policy.grpc is None:
+        return None
+    from gateway.grpcproxy import start_grpc  # grpcio loads only when gRPC is on
+
+    listener = await start_grpc(
+        policy.grpc,
+        lambda: app.pipeline,
+        admin.failing,
+        tracing,
+        policy.telemetry.access_log,
+        policy.drain_timeout,
+        reuse_port=worker,
+    )
+    admin.checks["grpc.upstream"] = listener.upstream_check
+    return listener
+
+
 def reuse_port_socket(listen: str) -> socket.socket:
     """A listening socket bound with SO_REUSEPORT: each worker binds its own on the same port
     and the kernel spreads new connections evenly among them."""
@@ -131,6 +155,7 @@ async def serve(path: Path, overrides: Overrides = Overrides(), worker: bool = F
     metrics.observe(connections, lambda: len(main.server_state.connections))
     metrics.observe(metrics.IN_FLIGHT, lambda: app.inflight)
 
+    grpc = await _start_grpc(policy, app, admin, tracing, worker)
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
@@ -138,6 +163,8 @@ async def serve(path: Path, overrides: Overrides = Overrides(), worker: bool = F
             log.info("draining", extra={"grace_seconds": app.pipeline.policy.drain_timeout})
         admin.draining = True
         main.should_exit = True
+        if grpc is not None:
+            grpc.drain(app.pipeline.policy.drain_timeout)
 
     loop.add_signal_handler(signal.SIGTERM, stop)
     loop.add_signal_handler(signal.SIGINT, stop)
@@ -164,6 +191,8 @@ async def serve(path: Path, overrides: Overrides = Overrides(), worker: bool = F
     try:
         await main.serve(sockets=sockets["main"])
     finally:
+        if grpc is not None:
+            await grpc.stopped()
         watcher.cancel()
         if sampler is not None:
             sampler.cancel()

@@ -72,9 +72,10 @@ def es(key: ec.EllipticCurvePrivateKey, alg: str = "ES256") -> Signer:
 
 
 def claims(
-    sub: str | None = "user-1", tier: str | None = "pro", ttl: float = 300, **extra: Any
+    sub: str | None = "user-1", tier: str | None = "pro", ttl: float = 3600, **extra: Any
 ) -> dict[str, Any]:
-    """Good claims for the test issuer and audience, valid ``ttl`` seconds from now."""
+    """Good claims for the test issuer and audience, valid ``ttl`` seconds from now (an hour:
+    tables of tokens are minted at collection and must outlast the whole suite)."""
     now = extra.pop("now", None) or time.time()
     out: dict[str, Any] = {
         "iss": ISSUER,

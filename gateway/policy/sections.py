@@ -389,7 +389,8 @@ class TlsServer(Section):
     key: str
     """Server private key (PEM)."""
     client_ca: str | None = None
-    """CA that client certificates must chain to (mutual TLS)."""
+    """CA that client certificates must chain to (mutual TLS): clients without a valid one
+    are refused at the handshake. Unset: TLS without client certificates."""
 
 
 class TlsClient(Section):
@@ -401,6 +402,15 @@ class TlsClient(Section):
     """Client certificate presented to the upstream."""
     key: str | None = None
     """Client private key."""
+    server_name: str | None = None
+    """Name the upstream's certificate must carry when it is not the ``upstream`` host
+    (``echo.pod.svc``); the connection still goes to ``upstream``."""
+
+    @model_validator(mode="after")
+    def _cert_and_key(self) -> TlsClient:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("set both cert and key (mutual TLS), or neither")
+        return self
 
 
 class GrpcConfig(Section):
@@ -415,9 +425,16 @@ class GrpcConfig(Section):
     upstream_tls: TlsClient | None = None
     """Outbound TLS / mTLS."""
     plaintext: bool = False
-    """Must be ``true`` explicitly to run without TLS."""
+    """Must be ``true`` explicitly to run without TLS; then a side without ``tls`` /
+    ``upstream_tls`` is plaintext."""
     max_message_bytes: Size = 4 * 1024 * 1024
-    """Largest gRPC message accepted either way."""
+    """Largest gRPC message accepted either way; larger → ``RESOURCE_EXHAUSTED``."""
+    timeout: Duration | None = None
+    """Longest deadline of an upstream call: a client deadline that is shorter wins; exceeded
+    → ``DEADLINE_EXCEEDED``. Unset: the client's deadline only."""
+    tls_reload_interval: Duration = 5.0
+    """How often the certificate files are checked for a change (secret rotation); new
+    handshakes use the new files, open connections keep theirs."""
 
     @model_validator(mode="after")
     def _tls_or_plaintext(self) -> GrpcConfig:

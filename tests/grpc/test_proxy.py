@@ -15,8 +15,10 @@ import time
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from google.rpc import error_details_pb2, status_pb2
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.grpc.conftest import (
     EchoService,
@@ -26,7 +28,8 @@ from tests.grpc.conftest import (
     handled,
     plaintext_policy,
 )
-from tests.procs import ROOT, free_port
+from tests.integration.test_workers import requests_by_worker
+from tests.procs import ROOT, Gateway, MockLLM, free_port, wait_tcp
 
 
 def _events(stub: object, pb2: object, want: str, timeout: float = 5.0) -> str:
@@ -338,3 +341,33 @@ def test_a_grpc_port_in_use_stops_the_start(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert f"grpc.listen: cannot listen on 127.0.0.1:{port}" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_two_workers_share_the_grpc_port(
+    tmp_path: Path, echo: EchoService, stubs: Stubs, mock_llm: MockLLM
+) -> None:
+    port = free_port()
+    path = tmp_path / "workers.yaml"
+    text = plaintext_policy().replace("{grpc_port}", str(port)).replace("{upstream}", echo.address)
+    path.write_text(text.replace("{http_upstream}", mock_llm.url))
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics")}
+    gw = Gateway(path, tmp_path / "workers.log", env, ["--workers", "2"])
+    try:
+        wait_tcp(port, proc=gw.popen)
+        for i in range(12):  # a new channel, so a new connection, each time
+            with channel(f"127.0.0.1:{port}") as ch:
+                reply = stubs.grpc.EchoStub(ch).Unary(stubs.pb2.Msg(text=f"m{i}"), timeout=10)
+                assert reply.text == f"m{i}"
+        exposition = httpx.get(f"{gw.admin}/metrics").text
+        total = sum(
+            sample.value
+            for family in text_string_to_metric_families(exposition)
+            for sample in family.samples
+            if sample.name == "grpc_server_handled_total"
+            and sample.labels.get("grpc_method") == "Unary"
+        )
+        assert total == 12  # summed over both workers...
+        per_worker = requests_by_worker(tmp_path / "metrics", "grpc_server_handled_total")
+        assert len(per_worker) == 2 and all(n > 0 for n in per_worker.values()), per_worker
+    finally:
+        assert gw.stop() == 0

@@ -27,14 +27,14 @@ def policy(state_url: str) -> str:
     )
 
 
-def requests_by_worker(metrics_dir: Path) -> dict[str, float]:
-    """``http_requests_total`` as each worker's own file holds it."""
+def requests_by_worker(metrics_dir: Path, name: str = "http_requests_total") -> dict[str, float]:
+    """Counter ``name`` as each worker's own file holds it."""
     out: dict[str, float] = {}
     for path in metrics_dir.glob("counter_*.db"):
         total = sum(
             value
             for key, value, _, _ in MmapedDict.read_all_values_from_file(str(path))
-            if '"http_requests_total"' in key
+            if f'"{name}"' in key
         )
         out[path.stem.split("_")[1]] = total
     return out

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -37,6 +38,7 @@ from typing import Any
 from bench._util import (
     free_port,
     json_body,
+    median_by_rps,
     run_wrk,
     start_nginx,
     stop_process,
@@ -115,7 +117,7 @@ def make_token(policy: Path) -> str:
     return out.stdout.strip()
 
 
-def measure(duration: int, rate: int, workers: bool = True) -> dict[str, Any]:
+def measure(duration: int, rate: int, workers: bool = True, rounds: int = 1) -> dict[str, Any]:
     """Run the comparison; returns the results document."""
     body = json_body(1024)
     out: dict[str, Any] = {
@@ -170,8 +172,8 @@ def measure(duration: int, rate: int, workers: bool = True) -> dict[str, Any]:
             }
             if two is not None:
                 targets["full chain, 2 workers"] = (two_port, auth)
-            loads: dict[str, Any] = {}
-            for name, (port, headers) in targets.items():
+            samples: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+            for _, (name, (port, headers)) in itertools.product(range(rounds), targets.items()):
                 url = f"http://127.0.0.1:{port}{PATH}"
                 run_wrk(url, duration_s=2, method="POST", body=body, headers=headers)
                 if name.startswith("full chain"):
@@ -180,8 +182,10 @@ def measure(duration: int, rate: int, workers: bool = True) -> dict[str, Any]:
                     for peak in peaks:
                         peak.__enter__()
                     try:
-                        loads[name] = run_wrk(
-                            url, duration_s=duration, method="POST", body=body, headers=headers
+                        samples[name].append(
+                            run_wrk(
+                                url, duration_s=duration, method="POST", body=body, headers=headers
+                            )
                         )
                     finally:
                         for peak in peaks:
@@ -189,10 +193,12 @@ def measure(duration: int, rate: int, workers: bool = True) -> dict[str, Any]:
                     rss = max(peak.peak for peak in peaks)
                     out["full_chain_rss_mb"] = max(out.get("full_chain_rss_mb", 0), round(rss, 1))
                 else:
-                    loads[name] = run_wrk(
-                        url, duration_s=duration, method="POST", body=body, headers=headers
+                    samples[name].append(
+                        run_wrk(url, duration_s=duration, method="POST", body=body, headers=headers)
                     )
-            out["throughput"] = loads
+            # Interleaved rounds, the median of each: this 2-core VM drifts between runs.
+            out["throughput"] = {name: median_by_rps(runs) for name, runs in samples.items()}
+            out["rounds"] = rounds
             fixed: dict[str, Any] = {}
             for name in ("direct", "full chain"):
                 port, headers = targets[name]
@@ -215,7 +221,8 @@ def summarise(res: dict[str, Any]) -> list[str]:
     rps = {name: float(r["rps"]) for name, r in t.items()}
     lines = [
         f"Measured {res['date']} on {res['machine']}; wrk -c32 -t2, {res['duration_s']} s a "
-        "run, POST of a 1 KB chat body, 1 uvicorn worker. Command: `python -m bench.speed`.",
+        f"run, median of {res.get('rounds', 1)} interleaved rounds, POST of a 1 KB chat body. "
+        "Command: `python -m bench.speed`.",
         "",
         "| target | req/s | p50 / p99 ms | vs pass-through | vs nginx |",
         "|---|---|---|---|---|",
@@ -260,8 +267,9 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=500)
     parser.add_argument("--write-readme", action="store_true")
     parser.add_argument("--no-workers", action="store_true", help="skip the --workers 2 run")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved sweeps (median)")
     args = parser.parse_args()
-    res = measure(args.duration, args.rate, workers=not args.no_workers)
+    res = measure(args.duration, args.rate, workers=not args.no_workers, rounds=args.rounds)
     RESULTS.write_text(json.dumps(res, indent=2) + "\n")
     lines = summarise(res)
     print("\n".join(lines))

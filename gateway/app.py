@@ -15,6 +15,7 @@ from gateway.context import RequestContext
 from gateway.errors import BodyTooLarge, Deny, GatewayError, Headers, UpstreamError, error_response
 from gateway.headers import GATEWAY_SET, connection_tokens, is_hop_by_hop, request_id_from
 from gateway.headers import response_headers as clean_response_headers
+from gateway.overload import shed
 from gateway.pipeline import BodyFilter, Pipeline, RequestStage, ResponseHead
 from gateway.telemetry import metrics
 from gateway.telemetry.tracing import Tracing, light_context, traceparent
@@ -58,6 +59,8 @@ class GatewayApp:
         if scope["type"] != "http":
             return  # lifespan is off and websockets are not proxied (ws="none")
         pipeline = self.pipeline
+        if self.inflight >= pipeline.policy.max_in_flight:
+            return await shed(scope, send)  # before any work: shedding must stay cheap
         pipeline.inflight += 1
         self.inflight += 1
         state = _State()

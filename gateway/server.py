@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ import uvicorn
 from gateway.admin import AdminApp
 from gateway.app import GatewayApp
 from gateway.asgi import ASGIApp
+from gateway.httpproto import ConnectionLimits, limits_of, protocol_class
 from gateway.pipeline import Pipeline
 from gateway.policy import load_policy
 from gateway.policy.schema import Policy
@@ -28,6 +29,9 @@ from gateway.telemetry.request_metrics import CONNECTIONS
 from gateway.telemetry.tracing import Tracing
 
 log = logging.getLogger("gateway.server")
+
+#: The admin listener serves probes and scrapes only: a few connections, fast heads.
+ADMIN_LIMITS = ConnectionLimits(max_connections=256, header_read_timeout=5.0)
 
 
 @dataclass(frozen=True)
@@ -63,14 +67,17 @@ class _Server(uvicorn.Server):
         yield
 
 
-def uvicorn_config(app: ASGIApp, listen: str, **extra: Any) -> uvicorn.Config:
-    """uvicorn settings for a sidecar: no proxy-header trust, no server banner, our logs."""
+def uvicorn_config(
+    app: ASGIApp, listen: str, limits: Callable[[], ConnectionLimits], **extra: Any
+) -> uvicorn.Config:
+    """uvicorn settings for a sidecar: no proxy-header trust, no server banner, our logs,
+    our HTTP protocol (JSON errors, connection bounds and read timeouts from ``limits``)."""
     host, port = split_hostport(listen)
     return uvicorn.Config(
         app,
         host=host,
         port=port,
-        http="httptools",
+        http=protocol_class(limits),
         ws="none",
         lifespan="off",
         proxy_headers=False,
@@ -97,9 +104,14 @@ async def serve(path: Path, overrides: Overrides = Overrides()) -> int:
     app = GatewayApp(pipeline, tracing)
     admin = AdminApp(lambda: app.pipeline)
     main = _Server(
-        uvicorn_config(app, policy.listen, timeout_graceful_shutdown=policy.drain_timeout)
+        uvicorn_config(
+            app,
+            policy.listen,
+            lambda: limits_of(app.pipeline.policy),  # each connection reads the live policy
+            timeout_graceful_shutdown=policy.drain_timeout,
+        )
     )
-    admin_srv = _Server(uvicorn_config(admin, policy.admin_listen))
+    admin_srv = _Server(uvicorn_config(admin, policy.admin_listen, lambda: ADMIN_LIMITS))
     reloader = Reloader(path, app, build)
     CONNECTIONS.service = policy.telemetry.service_name
     CONNECTIONS.count = lambda: len(main.server_state.connections)

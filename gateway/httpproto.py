@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,10 @@ MAX_REQUEST_LINE = 8192
 #: Bytes allowed in a head beyond the header limit (request line, separators) before the
 #: connection is refused even though no callback has seen a complete oversized header yet.
 _HEAD_SLACK = MAX_REQUEST_LINE + 1024
+#: After an early answer (413, 408), how much of the unread body is discarded, for how long,
+#: before the connection is closed.
+LINGER_BYTES = 1024 * 1024
+LINGER_SECONDS = 2.0
 #: How long a connection over ``max_connections`` may take to send anything before it is
 #: dropped without an answer.
 _REFUSE_GRACE = 1.0
@@ -94,6 +99,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._lim = type(self).limits_source()
         self._refusing = False
+        self._lingering = False
+        self._linger_budget = 0
         self._head_since: float | None = None  # loop time the pending head began; None: none
         self._head_raw = 0
         self._head_bytes = 0
@@ -128,11 +135,17 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         """Feed the parser; answer what cannot be parsed or is over a bound in JSON, close."""
-        if self._refusing:
-            self._answer_and_close(OVERLOADED, None)
+        if self._lingering:
+            self._linger_budget -= len(data)
+            if self._linger_budget < 0:
+                self._abort()
+            return
+        if self._refusing:  # not parsed: only the request id is looked for
+            self._answer_and_close(OVERLOADED, _raw_request_id(data))
             return
         self._unset_keepalive_if_required()
-        if self._head_since is not None:
+        pending = self._head_since is not None
+        if pending:
             self._head_raw += len(data)
         try:
             self.parser.feed_data(data)
@@ -154,6 +167,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             if self.cycle is not None:
                 self.cycle.keep_alive = False
             return
+        if not pending and self._head_since is not None:
+            self._head_raw = len(data)  # a new head began in this data and is not complete
         limit = self._lim.max_header_bytes + _HEAD_SLACK
         if self._head_since is not None and self._head_raw > limit:
             self._answer_and_close(self._too_large(), self._rid())
@@ -175,7 +190,6 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._head_bytes = self._head_count = self._url_bytes = 0
         if self._head_since is None:
             self._head_since = self.loop.time()
-            self._head_raw = 0
             if self._head_timer is None:
                 self._arm_head_timer()
 
@@ -216,8 +230,12 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._body_last = self.loop.time()
 
     def on_body(self, body: bytes) -> None:
-        """Body bytes arrived: the client is alive."""
+        """Body bytes arrived: the client is alive. Once the answer is complete (an early
+        413 or 408), the rest of the body is not read: lingering close."""
         self._body_last = self.loop.time()
+        if self.cycle is not None and self.cycle.response_complete and not self._lingering:
+            self._linger()
+            return
         super().on_body(body)
 
     def on_message_complete(self) -> None:
@@ -270,6 +288,19 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         else:
             self._answer_and_close(_TIMEOUT, self._rid())
 
+    def _linger(self) -> None:
+        # Closing at once with unread bytes makes the kernel send a reset, which can destroy
+        # the answer before the client reads it. So: no more writes (FIN), discard at most
+        # LINGER_BYTES for at most LINGER_SECONDS, then close (as nginx's lingering_close).
+        self._lingering = True
+        self._linger_budget = LINGER_BYTES
+        self._body_wait = False
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._head_timer = self.loop.call_later(LINGER_SECONDS, self._abort)
+
     def _abort(self) -> None:
         self._head_timer = None
         if not self.transport.is_closing():
@@ -299,6 +330,14 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             metrics.REQUEST_ERRORS.labels(deny.type).inc()
         self.transport.write(error_bytes(deny, request_id))
         self.transport.close()
+
+
+_RID = re.compile(rb"\r\nx-request-id:[ \t]*([^\r\n]*?)[ \t]*\r\n", re.IGNORECASE)
+
+
+def _raw_request_id(data: bytes) -> str | None:
+    m = _RID.search(data, 0, 16384)
+    return request_id_from(m.group(1)) if m else None
 
 
 def protocol_class(limits: Callable[[], ConnectionLimits]) -> type[GatewayHttpProtocol]:

@@ -29,7 +29,8 @@ class Sample:
 
 
 class Load:
-    """``threads`` threads calling ``send(client)`` in a loop until :meth:`stop`."""
+    """``threads`` threads calling ``send(client)`` in a loop until :meth:`stop`; each answer
+    is recorded as its status and ``classify(resp)`` (the JSON error type by default)."""
 
     def __init__(
         self,
@@ -37,8 +38,10 @@ class Load:
         threads: int = 2,
         pause: float = 0.005,
         timeout: float = 10.0,
+        classify: Callable[[httpx.Response], str] | None = None,
     ) -> None:
         self.samples: list[Sample] = []
+        self._classify = classify or error_type
         self._send = send
         self._pause = pause
         self._timeout = timeout
@@ -53,7 +56,7 @@ class Load:
                 start = time.monotonic()
                 try:
                     resp = self._send(client)
-                    status, error = resp.status_code, error_type(resp)
+                    status, error = resp.status_code, self._classify(resp)
                 except httpx.HTTPError as exc:
                     status, error = 0, type(exc).__name__
                 self.samples.append(Sample(start, time.monotonic(), status, error))

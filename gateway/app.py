@@ -226,6 +226,9 @@ async def _handle(
             body = _BodyStream(receive, chunk, pipeline.max_body) if more else chunk
     except BodyTooLarge as exc:
         return await _deny(send, ctx, exc.deny())
+    except ClientGone:
+        ctx.status = 499  # gone mid-body (or cut off by body_read_timeout): not a 413
+        return None
 
     upstream_span = None
     if tracing is not None and ctx.span is not None and ctx.span.is_recording():
@@ -315,7 +318,7 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise BodyTooLarge("client disconnected")  # nobody is left to read the answer
+            raise ClientGone("client disconnected")  # nobody is left to read the answer
         chunk = message.get("body", b"")
         total += len(chunk)
         if total > limit:
@@ -323,6 +326,10 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
         parts.append(chunk)
         if not message.get("more_body"):
             return b"".join(parts)
+
+
+class ClientGone(GatewayError):
+    """The client disconnected while its body was being read."""
 
 
 class _BodyStream:

@@ -81,7 +81,8 @@ def parse_body(body: bytes, max_depth: int) -> Any:
     # and a rule could be evaded by one inside a word. Only bodies with such an escape pay
     # for the string walk.
     strict = _SURROGATE_ESCAPE.search(body) is not None
-    stack: list[tuple[Any, int]] = [(doc, 1)]
+    # Only containers are walked: a scalar document (``0``, ``true``) has no depth to check.
+    stack: list[tuple[Any, int]] = [(doc, 1)] if isinstance(doc, dict | list) else []
     while stack:
         node, depth = stack.pop()
         if depth > max_depth:

@@ -177,6 +177,7 @@ def test_body_read_timeout(start_gateway: StartGateway, mock_llm: MockLLM, path:
     resp = httpx.post(f"{gw.url}{path}", content=trickle(), timeout=20)
     assert resp.status_code == 200, resp.text
     assert gw.metric("gateway_request_errors_total", {"type": "request_timeout"}) == 1
+    assert gw.metric("gateway_request_errors_total", {"type": "body_too_large"}) == 0
     assert "Traceback" not in gw.log()
 
 

@@ -1,4 +1,4 @@
-"""Text that is valid JSON but not valid Unicode (lone surrogates) never crashes a check."""
+"""Bodies that are valid JSON but odd (lone surrogates, scalar documents) never crash a check."""
 
 from __future__ import annotations
 
@@ -24,3 +24,9 @@ def test_surrogate_pairs_and_plain_escapes_pass() -> None:
 def test_fold_replaces_lone_surrogates_instead_of_raising() -> None:
     assert fold("ign\ud800ore \u00e9") == "ign\ufffd\ufffd\ufffdore \u00e9"
     assert "ign" in normalise("IGN\udfffORE", ("url", "base64"))
+
+
+@pytest.mark.parametrize("body", [b"0", b"true", b"null", b'"text"', b"1.5e300"])
+def test_scalar_documents_parse(body: bytes) -> None:
+    # these were a TypeError (a 500) before: the depth walk iterated the scalar
+    parse_body(body, 32)

@@ -8,8 +8,10 @@ stalled body for as long as the client likes. This subclass adds, per connection
 - ``max_connections``: one connection too many gets a 503 ``overloaded`` and is closed;
 - ``header_read_timeout``: the head must be complete this long after the connection opened
   (or after the request's first byte on a kept-alive connection), else 408 / close;
-- ``max_header_bytes`` / ``max_header_count`` / :data:`MAX_REQUEST_LINE` checked while the
-  head arrives, so an endless head is refused without being buffered;
+- the head bounded while it arrives (``max_header_bytes`` plus :data:`MAX_REQUEST_LINE`
+  of raw bytes; the target by :data:`MAX_REQUEST_LINE`, 414), so an endless head is refused
+  without being buffered; ``max_header_count`` once it is in (the exact ``max_header_bytes``
+  check is the app's 431, counted the same way);
 - ``body_read_timeout``: a body the app is waiting for must keep arriving, else 408 / close.
 
 Timers are cheap on the hot path: one deadline per connection is checked lazily (a timer
@@ -103,9 +105,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._linger_budget = 0
         self._head_since: float | None = None  # loop time the pending head began; None: none
         self._head_raw = 0
-        self._head_bytes = 0
-        self._head_count = 0
-        self._url_bytes = 0
+        self._head_limit = self._lim.max_header_bytes + _HEAD_SLACK
+        self._done_headers: list[tuple[bytes, bytes]] | None = None
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_wait = False
         self._body_last = 0.0
@@ -135,18 +136,13 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         """Feed the parser; answer what cannot be parsed or is over a bound in JSON, close."""
-        if self._lingering:
-            self._linger_budget -= len(data)
-            if self._linger_budget < 0:
-                self._abort()
-            return
-        if self._refusing:  # not parsed: only the request id is looked for
-            self._answer_and_close(OVERLOADED, _raw_request_id(data))
+        if self._lingering or self._refusing:
+            self._special(data)
             return
         self._unset_keepalive_if_required()
-        pending = self._head_since is not None
-        if pending:
+        if self._head_since is not None:
             self._head_raw += len(data)
+        headers = self.headers
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -167,14 +163,30 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             if self.cycle is not None:
                 self.cycle.keep_alive = False
             return
-        if not pending and self._head_since is not None:
-            self._head_raw = len(data)  # a new head began in this data and is not complete
-        limit = self._lim.max_header_bytes + _HEAD_SLACK
-        if self._head_since is not None and self._head_raw > limit:
+        if (
+            self._head_since is None
+            and self.headers is not headers
+            and self.headers is not self._done_headers
+        ):
+            # A new request began in this data and its head is not complete yet: its clock
+            # starts now (uvicorn makes a new header list per request).
+            self._head_since = self.loop.time()
+            self._head_raw = len(data)
+            if self._head_timer is None:
+                self._arm_head_timer()
+        if self._head_since is not None and self._head_raw > self._head_limit:
             self._answer_and_close(self._too_large(), self._rid())
             return
         if self._body_wait and self._body_timer is None:
             self._body_timer = self.loop.call_later(self._lim.body_read_timeout, self._body_check)
+
+    def _special(self, data: bytes) -> None:
+        if self._lingering:
+            self._linger_budget -= len(data)
+            if self._linger_budget < 0:
+                self._abort()
+        else:  # refusing, not parsed: only the request id is looked for
+            self._answer_and_close(OVERLOADED, _raw_request_id(data))
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's plain-text 400, in the JSON shape."""
@@ -184,19 +196,12 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     # -- parser callbacks ----------------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        """A request's first byte: its head must now be complete within the timeout."""
-        super().on_message_begin()
-        self._head_bytes = self._head_count = self._url_bytes = 0
-        if self._head_since is None:
-            self._head_since = self.loop.time()
-            if self._head_timer is None:
-                self._arm_head_timer()
-
-    def on_url(self, url: bytes) -> None:
-        """Bound the request target while it arrives."""
-        self._url_bytes += len(url)
-        if self._url_bytes > MAX_REQUEST_LINE:
+    def on_headers_complete(self) -> None:
+        """The head is in: stop its clock, bound the number of fields (their total size is
+        the app's 431, from the same count); a body (if any) now has its own clock."""
+        self._head_since = None
+        self._done_headers = self.headers
+        if len(self.url) > MAX_REQUEST_LINE:
             raise _Reject(
                 Deny(
                     414,
@@ -204,15 +209,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                     f"the request target is longer than {MAX_REQUEST_LINE} bytes",
                 )
             )
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        """Bound the header fields by size and number (counted as the app counts them)."""
-        self._head_bytes += len(name) + len(value) + 4
-        self._head_count += 1
-        if self._head_bytes > self._lim.max_header_bytes:
-            raise _Reject(self._too_large())
-        if self._head_count > self._lim.max_header_count:
+        if len(self.headers) > self._lim.max_header_count:
             raise _Reject(
                 Deny(
                     431,
@@ -220,11 +217,6 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                     f"more than {self._lim.max_header_count} request headers",
                 )
             )
-        super().on_header(name, value)
-
-    def on_headers_complete(self) -> None:
-        """The head is in: stop its clock; a body (if any) now has its own."""
-        self._head_since = None
         super().on_headers_complete()
         self._body_wait = True
         self._body_last = self.loop.time()

@@ -68,7 +68,10 @@ class _Server(uvicorn.Server):
 
 
 def uvicorn_config(
-    app: ASGIApp, listen: str, limits: Callable[[], ConnectionLimits], **extra: Any
+    app: ASGIApp,
+    listen: str,
+    limits: Callable[[], ConnectionLimits] = ConnectionLimits,
+    **extra: Any,
 ) -> uvicorn.Config:
     """uvicorn settings for a sidecar: no proxy-header trust, no server banner, our logs,
     our HTTP protocol (JSON errors, connection bounds and read timeouts from ``limits``)."""

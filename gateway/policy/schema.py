@@ -80,11 +80,11 @@ class Policy(BaseModel):
     max_in_flight: int = Field(default=1024, ge=1)
     """Most requests handled at once; beyond → 503 ``overloaded`` with ``Retry-After: 1``
     (shedding load early beats queueing it until every request times out)."""
-    header_read_timeout: Duration = 10.0
+    header_read_timeout: Duration = Field(default=10.0, gt=0)
     """Longest time from a connection's opening (or a request's first byte) to the end of
     its request headers; exceeded → 408 ``request_timeout`` (or a silent close when nothing
     was sent) — the slowloris guard."""
-    body_read_timeout: Duration = 30.0
+    body_read_timeout: Duration = Field(default=30.0, gt=0)
     """Longest wait for the next piece of a request body the gateway is reading; exceeded →
     408 ``request_timeout`` and the connection is closed."""
     drain_timeout: Duration = 25.0

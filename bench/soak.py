@@ -17,7 +17,10 @@ descriptor growth (pools grow with the load's concurrency, so: under load never 
 generator's connections allow, and once the load stops and keep-alives expire back to the
 count before the load, the Redis pool aside), no 5xx and no transport errors, each kind
 only its expected answers, the limited route's successes ≈ its limit, and the gateway's own
-counters (rate-limit rejections, guardrail blocks) equal to what the client saw. Not run in CI
+counters (rate-limit rejections, guardrail blocks) equal to what the client saw. A 503
+``state_unavailable`` is the policy's ``on_error: deny`` answering for a slow or absent Redis:
+it is allowed when the gateway counted each one (``gateway_state_fallback_total``) and is
+reported as a share of all answers. Not run in CI
 (``tests/`` never imports it). Results: ``bench/results/soak.json`` and docs/hardening.md.
 """
 
@@ -154,8 +157,10 @@ class Soak:
         try:
             if kind == "limited":
                 async with session.get(f"{base}/echo/limited") as resp:
-                    await resp.read()
+                    data = await resp.read()
                     answer = str(resp.status)
+                    if resp.status >= 500:
+                        answer += " " + json.loads(data)["error"]["type"]
             else:
                 body = {"allowed": ALLOWED, "streamed": STREAMED, "blocked": BLOCKED}[kind]
                 async with session.post(f"{base}/v1/chat/completions", json=body) as resp:
@@ -249,7 +254,12 @@ def judge(soak: Soak, duration: float, warmup: float) -> dict[str, Any]:
         "blocked": {"400 prompt_rejected"},
         "limited": {"200", "429"},
     }
-    unexpected = {f"{k} → {v}": n for (k, v), n in a.items() if v not in kinds[k]}
+    # The store's breaker answering for Redis (on_error: deny) is the policy's choice, not
+    # an error of the gateway: allowed, provided the gateway counted each one itself.
+    fallback = "503 state_unavailable"
+    unexpected = {f"{k} → {v}": n for (k, v), n in a.items() if v not in kinds[k] and v != fallback}
+    fallbacks = sum(n for (_, v), n in a.items() if v == fallback)
+    counted_fallbacks = soak.metric("gateway_state_fallback_total", 'mode="deny"')
     rejections = soak.metric("gateway_ratelimit_rejections_total", 'scope="route"')
     blocks = soak.metric("gateway_guardrail_actions_total", 'stage="input"', 'action="block"')
     checks = {
@@ -259,6 +269,7 @@ def judge(soak: Soak, duration: float, warmup: float) -> dict[str, Any]:
         "only_expected_answers": not unexpected,
         "limited_successes_near_the_limit": abs(limited_ok - expected_ok) <= 0.15 * expected_ok,
         "gateway_counted_every_429": rejections == a[("limited", "429")],
+        "every_503_is_a_counted_store_fallback": fallbacks == counted_fallbacks,
         "gateway_counted_every_block": blocks == a[("blocked", "400 prompt_rejected")],
         "generator_kept_up": soak.late == 0,
     }
@@ -283,10 +294,15 @@ def judge(soak: Soak, duration: float, warmup: float) -> dict[str, Any]:
         "answers": {f"{k} {v}": n for (k, v), n in sorted(a.items())},
         "unexpected": unexpected,
         "limited_successes": {"seen": limited_ok, "expected": expected_ok},
+        "store_fallbacks": {
+            "answers": fallbacks,
+            "pct": round(100 * fallbacks / max(1, sum(a.values())), 2),
+        },
         "gateway_metrics": {
             "route_rejections": rejections,
             "injection_blocks": blocks,
             "state_errors": soak.metric("gateway_state_errors_total"),
+            "state_fallbacks_deny": counted_fallbacks,
         },
         "late_requests": soak.late,
         "checks": checks,
@@ -312,7 +328,11 @@ def main() -> None:
             time.sleep(IDLE_WAIT)  # keep-alive timeouts: client side 5 s, upstream 2 s
             soak.idle_fds = fds(gateway.pid) - redis_sockets(gateway.pid, soak.redis)
             verdict = judge(soak, args.duration, warmup)
-            if "Traceback" in (Path(tmp) / "gw.log").read_text(errors="replace"):
+            log = (Path(tmp) / "gw.log").read_text(errors="replace")
+            openings = [ln for ln in log.splitlines() if "state store unavailable" in ln]
+            verdict["breaker_openings"] = len(openings)
+            verdict["breaker_reasons"] = sorted({json.loads(ln).get("why", "?") for ln in openings})
+            if "Traceback" in log:
                 verdict["checks"]["no_traceback_in_gateway_log"] = False
                 verdict["ok"] = False
         finally:

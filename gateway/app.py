@@ -25,6 +25,8 @@ log = logging.getLogger("gateway.proxy")
 
 #: Declared-length answers up to this size are read whole and sent in one write.
 SMALL_BODY = 64 * 1024
+#: Declared-length request bodies up to this size are read whole before going upstream.
+SMALL_REQUEST_BODY = 64 * 1024
 #: Buffering response filters (JSON guardrails) read at most this much of an answer.
 MAX_BUFFERED_RESPONSE = 16 * 1024 * 1024
 
@@ -223,6 +225,11 @@ async def _handle(
             if len(chunk) > pipeline.max_body:
                 raise BodyTooLarge(f"request body is larger than {pipeline.max_body} bytes")
             more = first.get("more_body")
+            if more and not chunked and clen is not None and clen <= SMALL_REQUEST_BODY:
+                # A small declared body is read whole before the upstream is called: a client
+                # sending it slowly (or never finishing) then holds no upstream connection.
+                chunk += await _read_body(receive, pipeline.max_body - len(chunk))
+                more = False
             body = _BodyStream(receive, chunk, pipeline.max_body) if more else chunk
     except BodyTooLarge as exc:
         return await _deny(send, ctx, exc.deny())

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -250,7 +251,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             return
         metrics.REQUEST_ERRORS.labels("request_timeout").inc()
         if self._head_raw:
-            log.warning("request headers not received in time", extra={"client": self.client})
+            _warn("request headers not received in time", self.client)
             self._answer_and_close(_TIMEOUT, None)
         else:  # an idle connection that never sent a byte: nobody to answer
             self.transport.close()
@@ -268,7 +269,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._body_timer = self.loop.call_later(left, self._body_check)
             return
         metrics.REQUEST_ERRORS.labels("request_timeout").inc()
-        log.warning("request body stalled", extra={"client": self.client})
+        _warn("request body stalled", self.client)
         cycle = self.cycle
         started = cycle is not None and cycle.response_started
         if cycle is not None:
@@ -330,6 +331,22 @@ _RID = re.compile(rb"\r\nx-request-id:[ \t]*([^\r\n]*?)[ \t]*\r\n", re.IGNORECAS
 def _raw_request_id(data: bytes) -> str | None:
     m = _RID.search(data, 0, 16384)
     return request_id_from(m.group(1)) if m else None
+
+
+#: Connection-level warnings are logged at most once per this many seconds and kind, with
+#: the number suppressed meanwhile: an attacker must not turn each 408 into a log write.
+WARN_EVERY = 1.0
+_warned: dict[str, tuple[float, int]] = {}
+
+
+def _warn(message: str, client: tuple[str, int] | None) -> None:
+    now = time.monotonic()
+    last, suppressed = _warned.get(message, (0.0, 0))
+    if now - last < WARN_EVERY:
+        _warned[message] = (last, suppressed + 1)
+        return
+    _warned[message] = (now, 0)
+    log.warning(message, extra={"client": client, "suppressed_since_last": suppressed})
 
 
 def protocol_class(limits: Callable[[], ConnectionLimits]) -> type[GatewayHttpProtocol]:

@@ -140,7 +140,9 @@ class Keys:
 def hostile_tokens(keys: Keys, elsewhere: str = "http://127.0.0.1:9") -> list[tuple[str, str, str]]:
     """``(name, token, reason)``: tokens a gateway configured with ``keys`` (HS256, RS256,
     ES256; issuer and audience of this module) must refuse, and why."""
-    good = claims()
+    # The table is built when tests are collected, minutes before the last of them runs:
+    # a day of validity keeps "good" tokens good for a whole suite run.
+    good = claims(ttl=24 * 3600)
     hs256 = hs(keys.secret)
     evil = rs(keys.evil_rsa)
 

@@ -16,6 +16,7 @@ import time
 from collections import Counter
 
 HEAD = b"GET /echo/slow HTTP/1.1\r\nHost: x\r\nX-Pad: "
+PATH = b"/echo/slow"  # the slow bodies' target (--path)
 
 
 async def _slowloris(port: int, stop: float, stats: Counter[str]) -> None:
@@ -52,7 +53,9 @@ async def _slowbody(port: int, stop: float, stats: Counter[str]) -> None:
             continue
         stats["opened"] += 1
         try:
-            writer.write(b"POST /echo/slow HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nab")
+            writer.write(
+                b"POST " + PATH + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nab"
+            )
             await writer.drain()
         except OSError:
             pass
@@ -106,6 +109,8 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--conns", type=int, default=200)
     parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--path", default="/echo/slow")
     args = parser.parse_args()
+    PATH = args.path.encode()
     counts = asyncio.run(main(args.kind, args.port, args.conns, args.duration))
     print(json.dumps(dict(counts)), flush=True)

@@ -221,3 +221,25 @@ def test_oversized_stream_is_cut_at_the_limit(
         pass  # the gateway answered and closed while the client was still sending
     assert sent < 100 * 1024 * 1024, "the gateway read the whole oversized body"
     assert httpx.get(f"{gw.url}/echo/x").status_code == 200
+
+
+def test_a_stalled_small_body_never_reaches_the_upstream(start_gateway: StartGateway) -> None:
+    # Bodies up to 64 KiB with a Content-Length are read whole first: a slow client holds no
+    # upstream connection (a slow-body attack is not amplified onto the service).
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.2)
+    upstream = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        gw = start_gateway(policy(body_read_timeout="1s"), upstream)
+        with connect(gw) as s:
+            s.sendall(b"POST /echo/x HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\nab")
+            with pytest.raises(TimeoutError):
+                listener.accept()[0].close()  # nothing connects upstream meanwhile
+            answer = parse_answer(read_all(s))
+        assert answer.status == 408 and answer.error()["type"] == "request_timeout"
+        with pytest.raises(TimeoutError):
+            listener.accept()[0].close()
+    finally:
+        listener.close()

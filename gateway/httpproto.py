@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import re
 import time
 from collections.abc import Callable
@@ -50,6 +51,8 @@ LINGER_SECONDS = 2.0
 #: How long a connection over ``max_connections`` may take to send anything before it is
 #: dropped without an answer.
 _REFUSE_GRACE = 1.0
+#: Spread of the per-connection deadlines (header timeout, refusal grace), as a fraction.
+_JITTER = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +110,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._head_since: float | None = None  # loop time the pending head began; None: none
         self._head_raw = 0
         self._head_limit = self._lim.max_header_bytes + _HEAD_SLACK
+        # Each connection's deadline is spread over +0..10 %: connections a flood opened
+        # together then expire over a spell instead of in one burst of callbacks.
+        self._head_timeout = self._lim.header_read_timeout * (1.0 + _JITTER * random.random())
         self._done_headers: list[tuple[bytes, bytes]] | None = None
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_wait = False
@@ -121,7 +127,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if len(self.connections) > self._lim.max_connections:
             self._refusing = True
             metrics.REQUEST_ERRORS.labels("overloaded").inc()
-            self._head_timer = self.loop.call_later(_REFUSE_GRACE, self._abort)
+            grace = _REFUSE_GRACE * (1.0 + _JITTER * random.random())
+            self._head_timer = self.loop.call_later(grace, self._abort)
             return
         self._head_since = self.loop.time()
         self._arm_head_timer()
@@ -239,13 +246,13 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     # -- timers --------------------------------------------------------------------------
 
     def _arm_head_timer(self) -> None:
-        self._head_timer = self.loop.call_later(self._lim.header_read_timeout, self._head_check)
+        self._head_timer = self.loop.call_later(self._head_timeout, self._head_check)
 
     def _head_check(self) -> None:
         self._head_timer = None
         if self._head_since is None or self.transport.is_closing():
             return
-        left = self._head_since + self._lim.header_read_timeout - self.loop.time()
+        left = self._head_since + self._head_timeout - self.loop.time()
         if left > 0:
             self._head_timer = self.loop.call_later(left, self._head_check)
             return

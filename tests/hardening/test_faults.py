@@ -400,6 +400,17 @@ def test_sigterm_under_load_finishes_in_flight_and_refuses_new(
     # new requests are refused at the TCP level (or find their kept-alive connection closed
     # before anything was sent): never an HTTP error, never a hang
     assert_only(after, {(0, "ConnectError"), (0, "RemoteProtocolError")}, "after SIGTERM")
-    assert_only(samples, {(200, ""), (0, "ConnectError"), (0, "RemoteProtocolError")}, "all")
+    # A request sent on a kept-alive connection at the very moment the server closes it
+    # (uvicorn closes idle connections on shutdown) finds the connection reset: the keep-alive
+    # race of RFC 9112 §9.6, which clients retry. It was never processed; it may happen only
+    # around the signal, and rarely.
+    racing = [s for s in samples if s.error == "ReadError"]
+    assert all(term - 0.5 < s.start <= term + 0.2 for s in racing), racing
+    assert len(racing) <= 3, racing
+    assert_only(
+        [s for s in samples if s.error != "ReadError"],
+        {(200, ""), (0, "ConnectError"), (0, "RemoteProtocolError")},
+        "all",
+    )
     assert "Traceback" not in gw.log()
     print(f"\nsigterm: load {dict(load.summary())}; exited {exited:.2f}s after SIGTERM")

@@ -14,6 +14,7 @@ from gateway.context import RequestContext
 from gateway.errors import BodyTooLarge, Deny, GatewayError, Headers, UpstreamError, error_response
 from gateway.headers import GATEWAY_SET, connection_tokens, is_hop_by_hop, request_id_from
 from gateway.headers import response_headers as clean_response_headers
+from gateway.overload import shed
 from gateway.pipeline import BodyFilter, Pipeline, RequestStage, ResponseHead
 from gateway.telemetry import metrics
 from gateway.telemetry.tracing import Tracing, light_context, traceparent
@@ -23,6 +24,8 @@ log = logging.getLogger("gateway.proxy")
 
 #: Declared-length answers up to this size are read whole and sent in one write.
 SMALL_BODY = 64 * 1024
+#: Declared-length request bodies up to this size are read whole before going upstream.
+SMALL_REQUEST_BODY = 64 * 1024
 #: Buffering response filters (JSON guardrails) read at most this much of an answer.
 MAX_BUFFERED_RESPONSE = 16 * 1024 * 1024
 
@@ -57,6 +60,8 @@ class GatewayApp:
         if scope["type"] != "http":
             return  # lifespan is off and websockets are not proxied (ws="none")
         pipeline = self.pipeline
+        if self.inflight >= pipeline.policy.max_in_flight:
+            return await shed(scope, send)  # before any work: shedding must stay cheap
         pipeline.inflight += 1
         self.inflight += 1
         state = _State()
@@ -219,9 +224,17 @@ async def _handle(
             if len(chunk) > pipeline.max_body:
                 raise BodyTooLarge(f"request body is larger than {pipeline.max_body} bytes")
             more = first.get("more_body")
+            if more and not chunked and clen is not None and clen <= SMALL_REQUEST_BODY:
+                # A small declared body is read whole before the upstream is called: a client
+                # sending it slowly (or never finishing) then holds no upstream connection.
+                chunk += await _read_body(receive, pipeline.max_body - len(chunk))
+                more = False
             body = _BodyStream(receive, chunk, pipeline.max_body) if more else chunk
     except BodyTooLarge as exc:
         return await _deny(send, ctx, exc.deny())
+    except ClientGone:
+        ctx.status = 499  # gone mid-body (or cut off by body_read_timeout): not a 413
+        return None
 
     upstream_span = None
     if tracing is not None and ctx.span is not None and ctx.span.is_recording():
@@ -309,7 +322,7 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise BodyTooLarge("client disconnected")  # nobody is left to read the answer
+            raise ClientGone("client disconnected")  # nobody is left to read the answer
         chunk = message.get("body", b"")
         total += len(chunk)
         if total > limit:
@@ -317,6 +330,10 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
         parts.append(chunk)
         if not message.get("more_body"):
             return b"".join(parts)
+
+
+class ClientGone(GatewayError):
+    """The client disconnected while its body was being read."""
 
 
 class _BodyStream:

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +17,7 @@ import uvicorn
 from gateway.admin import AdminApp
 from gateway.app import GatewayApp
 from gateway.asgi import ASGIApp
-from gateway.httpserver import GatewayHttpProtocol
+from gateway.httpproto import ConnectionLimits, limits_of, protocol_class
 from gateway.pipeline import Pipeline
 from gateway.policy import load_policy
 from gateway.policy.schema import Policy
@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from gateway.grpcproxy import GrpcListener
 
 log = logging.getLogger("gateway.server")
+
+#: The admin listener serves probes and scrapes only: a few connections, fast heads.
+ADMIN_LIMITS = ConnectionLimits(max_connections=256, header_read_timeout=5.0)
 
 
 @dataclass(frozen=True)
@@ -68,14 +71,20 @@ class _Server(uvicorn.Server):
         yield
 
 
-def uvicorn_config(app: ASGIApp, listen: str, **extra: Any) -> uvicorn.Config:
-    """uvicorn settings for a sidecar: no proxy-header trust, no server banner, our logs."""
+def uvicorn_config(
+    app: ASGIApp,
+    listen: str,
+    limits: Callable[[], ConnectionLimits] = ConnectionLimits,
+    **extra: Any,
+) -> uvicorn.Config:
+    """uvicorn settings for a sidecar: no proxy-header trust, no server banner, our logs,
+    our HTTP protocol (JSON errors, connection bounds and read timeouts from ``limits``)."""
     host, port = split_hostport(listen)
     return uvicorn.Config(
         app,
         host=host,
         port=port,
-        http=GatewayHttpProtocol,
+        http=protocol_class(limits),
         ws="none",
         lifespan="off",
         proxy_headers=False,
@@ -146,9 +155,14 @@ async def serve(path: Path, overrides: Overrides = Overrides(), worker: bool = F
     app = GatewayApp(pipeline, tracing)
     admin = AdminApp(lambda: app.pipeline)
     main = _Server(
-        uvicorn_config(app, policy.listen, timeout_graceful_shutdown=policy.drain_timeout)
+        uvicorn_config(
+            app,
+            policy.listen,
+            lambda: limits_of(app.pipeline.policy),  # each connection reads the live policy
+            timeout_graceful_shutdown=policy.drain_timeout,
+        )
     )
-    admin_srv = _Server(uvicorn_config(admin, policy.admin_listen))
+    admin_srv = _Server(uvicorn_config(admin, policy.admin_listen, lambda: ADMIN_LIMITS))
     reloader = Reloader(path, app, build)
     # Read at scrape time (or sampled each second with workers), not updated per request.
     connections = ACTIVE_CONNECTIONS.labels(policy.telemetry.service_name)

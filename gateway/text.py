@@ -113,9 +113,14 @@ def fold(text: str) -> str:
     else:
         printable = False
         text = unicodedata.normalize("NFKC", text)
-        if _FOLD_Q.search(text.encode()) is not None:
+        try:
+            raw = text.encode()
+        except UnicodeEncodeError:  # lone surrogates (e.g. from an upstream's JSON escapes)
+            text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+            raw = text.encode()
+        if _FOLD_Q.search(raw) is not None:
             text = text.translate(_FOLD)
-        raw = text.encode()
+            raw = text.encode()
     text = text.lower()
     if _SPACED_Q.search(raw) is not None:  # before spacing is collapsed: wide gaps part words
         text = _SPACED.sub(_join_letters, text)

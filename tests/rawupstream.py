@@ -2,7 +2,8 @@
 
 Paths choose the behaviour: ``/slow`` waits 10 s before answering, ``/reset`` sends a chunked
 head and two chunks then resets the connection, ``/garbage`` answers a non-HTTP line,
-``/short`` declares 100 bytes and sends 9,
+``/short`` declares 100 bytes and sends 9, ``/badchunk`` sends one chunk then an invalid
+chunk size,
 ``/ok`` answers 200 at once.
 """
 
@@ -74,6 +75,14 @@ class RawUpstream:
             await writer.drain()
             writer.transport.abort()
             return
+        elif path.startswith(b"/badchunk"):
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n"
+                b"transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n"
+            )
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            writer.write(b"zz\r\nnot a chunk size\r\n")
         elif path.startswith(b"/garbage"):
             writer.write(b"THIS IS NOT HTTP\r\n\r\n")
         else:

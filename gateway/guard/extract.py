@@ -77,14 +77,37 @@ def parse_body(body: bytes, max_depth: int) -> Any:
         doc = json.loads(body)
     except (ValueError, RecursionError):
         raise BadBody("the request body is not valid JSON (or is nested too deep)") from None
-    stack: list[tuple[Any, int]] = [(doc, 1)]
+    # A lone surrogate escape ("\ud800") is valid JSON but not text: nothing can encode it,
+    # and a rule could be evaded by one inside a word. Only bodies with such an escape pay
+    # for the string walk.
+    strict = _SURROGATE_ESCAPE.search(body) is not None
+    # Only containers are walked: a scalar document (``0``, ``true``) has no depth to check.
+    stack: list[tuple[Any, int]] = [(doc, 1)] if isinstance(doc, dict | list) else []
     while stack:
         node, depth = stack.pop()
         if depth > max_depth:
             raise BadBody(f"the request body is nested deeper than {max_depth} levels")
         children = node.values() if isinstance(node, dict) else node
         stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+        if strict:
+            keys = node.keys() if isinstance(node, dict) else ()
+            for text in (*keys, *children):
+                if isinstance(text, str) and not _encodable(text):
+                    raise BadBody("the request body has text that is not valid Unicode")
+    if strict and isinstance(doc, str) and not _encodable(doc):
+        raise BadBody("the request body has text that is not valid Unicode")
     return doc
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _strings(parent: Container, key: str | int) -> Iterator[Slot]:

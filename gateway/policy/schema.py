@@ -72,6 +72,21 @@ class Policy(BaseModel):
     """Largest request body; larger → 413 without buffering it."""
     max_header_bytes: Size = 16 * 1024
     """Largest total size of the request headers; larger → 431."""
+    max_header_count: int = Field(default=100, ge=1, le=10000)
+    """Most request header fields; more → 431 (as Envoy's and Apache's default)."""
+    max_connections: int = Field(default=4096, ge=1)
+    """Most client connections open at once; one more gets a 503 ``overloaded`` answer and is
+    closed (keep it below the process's open-file limit)."""
+    max_in_flight: int = Field(default=1024, ge=1)
+    """Most requests handled at once; beyond → 503 ``overloaded`` with ``Retry-After: 1``
+    (shedding load early beats queueing it until every request times out)."""
+    header_read_timeout: Duration = Field(default=10.0, gt=0)
+    """Longest time from a connection's opening (or a request's first byte) to the end of
+    its request headers; exceeded → 408 ``request_timeout`` (or a silent close when nothing
+    was sent) — the slowloris guard."""
+    body_read_timeout: Duration = Field(default=30.0, gt=0)
+    """Longest wait for the next piece of a request body the gateway is reading; exceeded →
+    408 ``request_timeout`` and the connection is closed."""
     drain_timeout: Duration = 25.0
     """On SIGTERM, how long in-flight requests may take to finish before the process exits
     (keep it below the pod's ``terminationGracePeriodSeconds``)."""

@@ -1,4 +1,4 @@
-"""uvicorn's httptools protocol with its writes coalesced per event-loop turn.
+"""A transport wrapper that coalesces the writes of one event-loop turn (the HTTP server's).
 
 uvicorn writes a response's head as soon as the app sends ``http.response.start`` and the body
 in a second write; on loopback each write is a syscall that also runs the peer's receive path.
@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
-
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 
 class CorkedTransport:
@@ -62,12 +60,3 @@ class CorkedTransport:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
-
-
-class GatewayHttpProtocol(HttpToolsProtocol):
-    """The gateway's HTTP/1.1 server protocol (``uvicorn.Config(http=...)``)."""
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        # Flow control (pause/resume reading) keeps the real transport; writes are corked.
-        self.transport = CorkedTransport(transport, self.loop)  # type: ignore[assignment]

@@ -202,12 +202,6 @@ def test_upstream_garbage_under_load(
     assert "Traceback" not in gw.log()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="KNOWN BUG, not fixed here: aiohttp 3.14 never raises on an invalid chunk size "
-    "(nor applies sock_read), so the request hangs; belongs to the upstream-client rewrite "
-    "(gateway/upstream.py). docs/hardening.md, 'Open findings'.",
-)
 def test_upstream_broken_chunked_body_ends_the_stream(
     start_gateway: StartGateway, raw_upstream: RawUpstream
 ) -> None:

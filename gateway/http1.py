@@ -416,12 +416,18 @@ class Pool:
         self.closing = False
         self._sweeper: asyncio.TimerHandle | None = None
 
-    async def acquire(self) -> tuple[Connection, bool]:
-        """A connection and whether it was reused; raises UpstreamError."""
+    async def acquire(self, fresh: bool = False) -> tuple[Connection, bool]:
+        """A connection and whether it was reused; raises UpstreamError. ``fresh``: a new
+        one (a replay must not land on another pooled connection the upstream closed)."""
         deadline = None
         while True:
             now = self.loop.time()
-            while self.idle:
+            if fresh and self.idle and self.open >= self.size:
+                # Full: make room by closing the oldest idle connection.
+                conn = self.idle.pop(0)
+                conn.abort()
+                self.open -= 1
+            while self.idle and not fresh:
                 conn = self.idle.pop()
                 if conn.closed or now - conn.idle_since > self.keepalive:
                     conn.abort()

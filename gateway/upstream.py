@@ -76,7 +76,7 @@ class Upstream:
         head = request_head(method, self.prefix + target, headers, self.host_header)
         attempts = 2 if method in _REPLAYABLE and not streamed else 1
         for attempt in range(attempts):
-            conn, _ = await pool.acquire()
+            conn, _ = await pool.acquire(fresh=attempt > 0)
             resp = conn.send(head, body, method == "HEAD", chunked)
             try:
                 await resp.wait_head()

@@ -324,3 +324,23 @@ def test_https_upstream_verified_against_trust_store(
         server.close()
 
     asyncio.run(run())
+
+
+def test_replay_goes_to_a_new_connection_when_the_pool_is_stale() -> None:
+    async def once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Each connection answers one request, then takes the next and hangs up: every
+        # pooled connection is stale when it is reused.
+        await read_request(reader)
+        writer.write(ok())
+        await writer.drain()
+        await read_request(reader)
+
+    async def run() -> None:
+        async with Server(once) as srv:
+            up = upstream(srv.port)
+            assert await asyncio.gather(get(up), get(up)) == [b"ok", b"ok"]  # two pooled
+            assert srv.connections == 2
+            assert await get(up) == b"ok"  # stale, then replayed on a new one, not the other
+            await up.close()
+
+    asyncio.run(run())

@@ -15,7 +15,7 @@ from gateway.errors import BodyTooLarge, Deny, GatewayError, Headers, UpstreamEr
 from gateway.headers import GATEWAY_SET, connection_tokens, is_hop_by_hop, request_id_from
 from gateway.headers import response_headers as clean_response_headers
 from gateway.overload import shed
-from gateway.pipeline import BodyFilter, Pipeline, RequestStage, ResponseHead
+from gateway.pipeline import BodyFilter, Pipeline, ResponseHead, run_stages
 from gateway.telemetry import metrics
 from gateway.telemetry.tracing import Tracing, light_context, traceparent
 from gateway.upstream import UpstreamResponse
@@ -121,27 +121,6 @@ async def _deny(send: Send, ctx: RequestContext, deny: Deny) -> None:
     await send_simple(send, status, headers, body)
 
 
-async def _run_stages(
-    stages: list[RequestStage], ctx: RequestContext, tracing: Tracing | None
-) -> Deny | None:
-    span = ctx.span
-    traced = tracing is not None and span is not None and span.is_recording()
-    for stage in stages:
-        if traced:
-            assert tracing is not None and ctx.trace_context is not None
-            child = tracing.start_child(stage.name, ctx.trace_context)
-            try:
-                deny = await stage.on_request(ctx)
-            finally:
-                child.end()
-        else:
-            deny = await stage.on_request(ctx)
-        if deny is not None:
-            ctx.notes["denied_by"] = stage.name
-            return deny
-    return None
-
-
 def _bad_path(path: str) -> bool:
     # Routes are matched on the decoded path; dot segments or a NUL would let a client match
     # one route (a public one) while the upstream normalises to another (a protected one).
@@ -196,7 +175,7 @@ async def _handle(
     if _bad_path(path):
         return await _deny(send, ctx, Deny(400, "invalid_request", "invalid request path"))
 
-    deny = await _run_stages(route.before_body, ctx, tracing)
+    deny = await run_stages(route.before_body, ctx, tracing)
     if deny is not None:
         return await _deny(send, ctx, deny)
 
@@ -214,7 +193,7 @@ async def _handle(
     try:
         if route.needs_body:
             ctx.body = await _read_body(receive, pipeline.max_body) if has_body else b""
-            deny = await _run_stages(route.after_body, ctx, tracing)
+            deny = await run_stages(route.after_body, ctx, tracing)
             if deny is not None:
                 return await _deny(send, ctx, deny)
             body = ctx.body or None  # after the stages: a guardrail may have rewritten it

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from gateway.clientip import ClientIpResolver
 from gateway.context import RequestContext
@@ -19,6 +19,9 @@ from gateway.policy.schema import Policy
 from gateway.routes import OTHER, CompiledRoute, Router
 from gateway.telemetry.recorder import Recorder
 from gateway.upstream import Upstream
+
+if TYPE_CHECKING:
+    from gateway.telemetry.tracing import Tracing
 
 log = logging.getLogger("gateway.pipeline")
 T = TypeVar("T")
@@ -203,3 +206,26 @@ def _order(route: CompiledRoute) -> None:
     route.before_body.sort(key=lambda s: s.phase)
     route.after_body.sort(key=lambda s: s.phase)
     route.response.sort(key=lambda s: s.phase)
+
+
+async def run_stages(
+    stages: list[RequestStage], ctx: RequestContext, tracing: Tracing | None
+) -> Deny | None:
+    """Run ``stages`` in order until one denies (each in a child span when traced); the
+    denying stage's name goes to ``ctx.notes["denied_by"]``."""
+    span = ctx.span
+    traced = tracing is not None and span is not None and span.is_recording()
+    for stage in stages:
+        if traced:
+            assert tracing is not None and ctx.trace_context is not None
+            child = tracing.start_child(stage.name, ctx.trace_context)
+            try:
+                deny = await stage.on_request(ctx)
+            finally:
+                child.end()
+        else:
+            deny = await stage.on_request(ctx)
+        if deny is not None:
+            ctx.notes["denied_by"] = stage.name
+            return deny
+    return None

@@ -35,7 +35,6 @@ import grpc
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from gateway.context import RequestContext
-from gateway.errors import Deny
 from gateway.grpcproxy.metrics import CODE_NAMES, MethodMetrics
 from gateway.grpcproxy.policy import (
     Metadata,
@@ -47,7 +46,7 @@ from gateway.grpcproxy.policy import (
 )
 from gateway.grpcproxy.upstream import UpstreamChannel
 from gateway.headers import request_id_from
-from gateway.pipeline import Pipeline
+from gateway.pipeline import Pipeline, run_stages
 from gateway.policy.sections import GrpcConfig
 from gateway.telemetry import metrics
 from gateway.telemetry.tracing import Tracing, light_context, traceparent
@@ -182,24 +181,6 @@ class Proxy:
         ctx.trace_id, ctx.span_id = f"{sc.trace_id:032x}", f"{sc.span_id:016x}"
         ctx.traceparent = traceparent(span)
 
-    async def _run_stages(self, ctx: RequestContext) -> Deny | None:
-        tracing, span = self.tracing, ctx.span
-        traced = tracing is not None and span is not None and span.is_recording()
-        for stage in stages(ctx.route):
-            if traced:
-                assert tracing is not None and ctx.trace_context is not None
-                child = tracing.start_child(stage.name, ctx.trace_context)
-                try:
-                    deny = await stage.on_request(ctx)
-                finally:
-                    child.end()
-            else:
-                deny = await stage.on_request(ctx)
-            if deny is not None:
-                ctx.notes["denied_by"] = stage.name
-                return deny
-        return None
-
     def _upstream_metadata(self, pipeline: Pipeline, ctx: RequestContext, md: Any) -> Metadata:
         out = client_metadata(tuple(md or ()), pipeline.strip_headers)
         for key, value in ctx.upstream_headers:
@@ -231,7 +212,7 @@ class Proxy:
         context: Context,
     ) -> grpc.StatusCode:
         ours: Metadata = [("x-request-id", ctx.request_id)]
-        deny = await self._run_stages(ctx)
+        deny = await run_stages(stages(ctx.route), ctx, self.tracing)
         if deny is not None:
             metrics.REQUEST_ERRORS.labels(deny.type).inc()
             code, details, trailing = refusal(deny, ctx.response_headers)

@@ -28,7 +28,7 @@ from tests.grpc.conftest import (
     handled,
     plaintext_policy,
 )
-from tests.integration.test_workers import requests_by_worker
+from tests.integration.test_workers import requests_by_worker, wait_workers_listening
 from tests.procs import ROOT, Gateway, MockLLM, free_port, wait_tcp
 
 
@@ -354,6 +354,7 @@ def test_two_workers_share_the_grpc_port(
     gw = Gateway(path, tmp_path / "workers.log", env, ["--workers", "2"])
     try:
         wait_tcp(port, proc=gw.popen)
+        wait_workers_listening(gw)
         for i in range(12):  # a new channel, so a new connection, each time
             with channel(f"127.0.0.1:{port}") as ch:
                 reply = stubs.grpc.EchoStub(ch).Unary(stubs.pb2.Msg(text=f"m{i}"), timeout=10)

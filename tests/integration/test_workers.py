@@ -51,6 +51,16 @@ def answered(gw: Gateway, status: str) -> float:
     )
 
 
+def wait_workers_listening(gw: Gateway, workers: int = 2, timeout: float = 30.0) -> None:
+    """Until every worker logged that it starts serving: its gRPC listener, when any, is up
+    before that line, and its HTTP listeners listen a moment after it."""
+    deadline = time.monotonic() + timeout
+    while gw.log().count('"msg": "gateway started"') < workers:
+        assert time.monotonic() < deadline, gw.log()
+        time.sleep(0.05)
+    time.sleep(0.5)
+
+
 def worker_pids(gw: Gateway) -> set[int]:
     out = subprocess.run(["pgrep", "-P", str(gw.popen.pid)], capture_output=True, text=True)
     return {int(p) for p in out.stdout.split()}
@@ -66,6 +76,7 @@ def test_two_workers_share_ports_limits_and_metrics(
     gw = Gateway(path, tmp_path / "gateway.log", env, ["--workers", "2"])
     try:
         assert len(worker_pids(gw)) == 2
+        wait_workers_listening(gw)
         # New connection each time: SO_REUSEPORT spreads them over both workers.
         codes = [httpx.get(f"{gw.url}/echo/x").status_code for _ in range(40)]
         assert codes.count(200) == 30 and codes.count(429) == 10  # one limit for both workers

@@ -238,17 +238,18 @@ def test_large_answer_read_slowly_arrives_whole() -> None:
     asyncio.run(run())
 
 
-def test_stale_pooled_connection_replays_safe_requests_only() -> None:
-    async def once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # Answers one request, then reads the next and hangs up without answering: the
-        # keep-alive race where the upstream closes just as the gateway reuses the connection.
-        await read_request(reader)
-        writer.write(ok())
-        await writer.drain()
-        await read_request(reader)
+async def answer_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers one request, then reads the next and hangs up without answering: the keep-alive
+    race where the upstream closes just as the gateway reuses the connection."""
+    await read_request(reader)
+    writer.write(ok())
+    await writer.drain()
+    await read_request(reader)
 
+
+def test_stale_pooled_connection_replays_safe_requests_only() -> None:
     async def run() -> None:
-        async with Server(once) as srv:
+        async with Server(answer_once) as srv:
             up = upstream(srv.port)
             assert await get(up) == b"ok"
             assert await get(up) == b"ok"  # replayed on a new connection
@@ -327,16 +328,8 @@ def test_https_upstream_verified_against_trust_store(
 
 
 def test_replay_goes_to_a_new_connection_when_the_pool_is_stale() -> None:
-    async def once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # Each connection answers one request, then takes the next and hangs up: every
-        # pooled connection is stale when it is reused.
-        await read_request(reader)
-        writer.write(ok())
-        await writer.drain()
-        await read_request(reader)
-
     async def run() -> None:
-        async with Server(once) as srv:
+        async with Server(answer_once) as srv:
             up = upstream(srv.port)
             assert await asyncio.gather(get(up), get(up)) == [b"ok", b"ok"]  # two pooled
             assert srv.connections == 2

@@ -62,7 +62,7 @@ class Supervisor:
 
     def _spawn(self) -> None:
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
-        proc = subprocess.Popen(self.argv, env=env)
+        proc = subprocess.Popen(self.argv, env=env, preexec_fn=_die_with_parent)
         self.procs[proc.pid] = (proc, time.monotonic())
 
     def _signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -113,6 +113,16 @@ class Supervisor:
                 shutil.rmtree(self.metrics_dir, ignore_errors=True)
         log.info("workers stopped", extra={"code": status})
         return status
+
+
+def _die_with_parent() -> None:
+    # In the child before exec: SIGTERM it when the supervisor dies, even by SIGKILL, so that
+    # no worker outlives it holding the ports (Linux; elsewhere workers must be stopped).
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _mark_dead(pid: int, path: Path) -> None:

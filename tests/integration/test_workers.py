@@ -61,6 +61,15 @@ def wait_workers_listening(gw: Gateway, workers: int = 2, timeout: float = 30.0)
     time.sleep(0.5)
 
 
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for init to reap it counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def worker_pids(gw: Gateway) -> set[int]:
     out = subprocess.run(["pgrep", "-P", str(gw.popen.pid)], capture_output=True, text=True)
     return {int(p) for p in out.stdout.split()}
@@ -142,3 +151,20 @@ def test_worker_failing_at_start_stops_the_supervisor(tmp_path: Path) -> None:
     )
     assert run.returncode == 1, run.stderr
     assert time.monotonic() - started < 30
+
+
+def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path, mock_llm: MockLLM) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(f'version: 1\nupstream: {{url: "{mock_llm.url}"}}\n')
+    gw = Gateway(path, tmp_path / "gateway.log", None, ["--workers", "2"])
+    try:
+        pids = worker_pids(gw)
+        assert len(pids) == 2
+        gw.popen.kill()  # SIGKILL: the supervisor forwards nothing
+        gw.popen.wait()
+        deadline = time.monotonic() + 30
+        while any(alive(pid) for pid in pids):
+            assert time.monotonic() < deadline, "a worker outlived its supervisor"
+            time.sleep(0.1)
+    finally:
+        gw.stop()

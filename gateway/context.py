@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
@@ -72,6 +73,24 @@ class RequestContext:
     """The prompt fields the input guardrail read (for the opt-in prompt log only)."""
     upstream_seconds: float | None = None
     """Time to the upstream's response headers."""
+    _doc_of: bytes | None = None
+    _doc: Any = None
+    _doc_error: Exception | None = None
+
+    def json_body(self) -> Any:
+        """``body`` decoded as JSON, decoded once however many stages read it (the limit
+        stage's estimate, the input guardrail). Raises what ``json.loads`` raises. A stage that
+        rewrites ``body`` sets new bytes, so the next reader decodes those."""
+        body = self.body or b""
+        if self._doc_of is not body:
+            self._doc_of = body
+            try:
+                self._doc, self._doc_error = json.loads(body), None
+            except (ValueError, RecursionError) as exc:
+                self._doc, self._doc_error = None, exc
+        if self._doc_error is not None:
+            raise self._doc_error
+        return self._doc
 
     def header(self, name: bytes) -> bytes | None:
         """First value of request header ``name`` (lower-case), or None."""

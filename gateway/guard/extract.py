@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,10 +71,11 @@ def compile_path(path: str) -> tuple[Step, ...]:
     return tuple(steps)
 
 
-def parse_body(body: bytes, max_depth: int) -> Any:
-    """The JSON document in ``body``; raises BadBody when invalid or deeper than ``max_depth``."""
+def parse_body(body: bytes, max_depth: int, decode: Callable[[], Any] | None = None) -> Any:
+    """The JSON document in ``body``; raises BadBody when invalid or deeper than ``max_depth``.
+    ``decode`` gives the document when the body was decoded already (the request's cache)."""
     try:
-        doc = json.loads(body)
+        doc = decode() if decode is not None else json.loads(body)
     except (ValueError, RecursionError):
         raise BadBody("the request body is not valid JSON (or is nested too deep)") from None
     # A lone surrogate escape ("\ud800") is valid JSON but not text: nothing can encode it,

@@ -53,9 +53,19 @@ class Tokens:
 def estimate_request(body: bytes, default_max_tokens: int) -> RequestEstimate | None:
     """The estimate for a JSON object body; None when the body is not one (no LLM call)."""
     try:
-        doc = json.loads(body) if body[:1] == b"{" or body.lstrip()[:1] == b"{" else None
+        doc = json.loads(body) if looks_like_object(body) else None
     except ValueError:
         return None
+    return estimate_from(doc, len(body), default_max_tokens)
+
+
+def looks_like_object(body: bytes) -> bool:
+    """Whether ``body`` may be a JSON object (others are not LLM calls: not decoded)."""
+    return body[:1] == b"{" or body.lstrip()[:1] == b"{"
+
+
+def estimate_from(doc: Any, size: int, default_max_tokens: int) -> RequestEstimate | None:
+    """The estimate for a decoded request ``doc`` of ``size`` bytes; None unless an object."""
     if not isinstance(doc, dict):
         return None
     model = doc.get("model")
@@ -68,7 +78,7 @@ def estimate_request(body: bytes, default_max_tokens: int) -> RequestEstimate | 
     n = doc.get("n")
     if isinstance(n, int) and not isinstance(n, bool) and 1 < n <= 128:
         ceiling *= n
-    prompt = -(-len(body) // BYTES_PER_TOKEN)
+    prompt = -(-size // BYTES_PER_TOKEN)
     return RequestEstimate(model if isinstance(model, str) else None, prompt, ceiling)
 
 

@@ -73,7 +73,7 @@ class InputGuardStage:
             doc = [body.decode("utf-8", "replace")]
             slots.append(extract.Slot(doc, 0, doc[0]))
         elif body and self.needs_body:
-            doc = extract.parse_body(body, self.cfg.max_depth)
+            doc = extract.parse_body(body, self.cfg.max_depth, ctx.json_body)
             if self.cfg.format == "openai":
                 slots = extract.openai_slots(doc, self.roles)
             elif self.cfg.format == "anthropic":

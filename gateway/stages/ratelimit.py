@@ -49,7 +49,7 @@ from limits import RateLimitItem, parse_many
 
 from gateway.context import Identity, RequestContext
 from gateway.errors import Deny
-from gateway.llm.usage import Prices, RequestEstimate, estimate_request
+from gateway.llm.usage import Prices, RequestEstimate, estimate_from, looks_like_object
 from gateway.pipeline import BuildContext, Phase
 from gateway.policy.sections import RateLimitConfig
 from gateway.routes import CompiledRoute
@@ -227,7 +227,12 @@ class RateLimitStage:
         bud = self.budget.get(ident.tier)
         if not tok and bud is None:
             return None
-        est = estimate_request(ctx.body or b"", self.default_max_tokens)
+        body = ctx.body or b""
+        try:
+            doc = ctx.json_body() if looks_like_object(body) else None
+        except (ValueError, RecursionError):
+            doc = None
+        est = estimate_from(doc, len(body), self.default_max_tokens)
         if est is None:
             return None  # not an LLM call
         ctx.usage.model = est.model

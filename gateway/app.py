@@ -262,7 +262,9 @@ async def _handle(
 
 def _response_spans(tracing: Tracing | None, ctx: RequestContext) -> list[Span]:
     # One span per response stage (output guard, usage), open until the answer has passed.
-    if tracing is None or ctx.span is None or not ctx.span.is_recording() or not ctx.route.response:
+    if tracing is None or not tracing.stage_spans or not ctx.route.response:
+        return []
+    if ctx.span is None or not ctx.span.is_recording():
         return []
     assert ctx.trace_context is not None
     return [tracing.start_child(stage.name, ctx.trace_context) for stage in ctx.route.response]

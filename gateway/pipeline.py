@@ -211,10 +211,12 @@ def _order(route: CompiledRoute) -> None:
 async def run_stages(
     stages: list[RequestStage], ctx: RequestContext, tracing: Tracing | None
 ) -> Deny | None:
-    """Run ``stages`` in order until one denies (each in a child span when traced); the
-    denying stage's name goes to ``ctx.notes["denied_by"]``."""
+    """Run ``stages`` in order until one denies (each in a child span when traced with
+    ``stage_spans``); the denying stage's name goes to ``ctx.notes["denied_by"]``."""
     span = ctx.span
-    traced = tracing is not None and span is not None and span.is_recording()
+    traced = (
+        tracing is not None and tracing.stage_spans and span is not None and span.is_recording()
+    )
     for stage in stages:
         if traced:
             assert tracing is not None and ctx.trace_context is not None

@@ -77,6 +77,8 @@ class Tracing:
             )
         self.tracer = self.provider.get_tracer("gateway")
         self.exporting = exporter is not None
+        self.stage_spans = cfg.stage_spans
+        """Whether stages get child spans (``telemetry.stage_spans``)."""
 
     def records(self, header: str | None) -> bool:
         """Whether this request's spans are recorded: the client's sampled flag when its

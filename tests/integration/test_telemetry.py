@@ -23,7 +23,7 @@ version: 1
 upstream: {url: "{upstream}"}
 cost:
   models: {mock-gpt: {input_per_1k: 0.5, output_per_1k: 1.0}}
-telemetry: {service_name: dialogue, otlp_endpoint: "OTLP", sample_ratio: 1.0}
+telemetry: {service_name: dialogue, otlp_endpoint: "OTLP", sample_ratio: 1.0, stage_spans: true}
 routes:
   - name: chat
     path: /v1/chat/completions
@@ -116,6 +116,21 @@ def test_llm_call_spans_metrics_and_log(gw: Gateway, otlp: OtlpReceiver) -> None
     assert server["attributes"]["gen_ai.usage.output_tokens"] == 6
 
 
+def test_stage_spans_are_off_by_default(
+    otlp: OtlpReceiver, start_gateway: StartGateway, mock_llm: MockLLM
+) -> None:
+    policy = POLICY.replace(", stage_spans: true", "").replace("OTLP", otlp.url)
+    gw = start_gateway(policy, mock_llm.url)
+    body = {"model": "mock-gpt", "messages": [{"role": "user", "content": "hello"}]}
+    resp = httpx.post(f"{gw.url}/v1/chat/completions", json=body)
+    assert resp.status_code == 200
+    spans = otlp.wait_for(2)
+    time.sleep(0.5)  # a stage span would be exported in the same batch or the next one
+    assert sorted(s["name"] for s in otlp.spans) == ["POST chat", "upstream"]
+    server = next(s for s in spans if s["kind"] == 2)
+    assert server["attributes"]["gen_ai.request.model"] == "mock-gpt"
+
+
 async def _random_traffic(base: str, n: int) -> None:
     rng = random.Random(7)
     conn = aiohttp.TCPConnector(limit=32)
@@ -200,7 +215,7 @@ def test_ids_propagate_without_an_exporter(start_gateway: StartGateway, mock_llm
 
 
 def test_opt_in_prompt_log_is_truncated(start_gateway: StartGateway, mock_llm: MockLLM) -> None:
-    policy = POLICY.replace("sample_ratio: 1.0}", "sample_ratio: 1.0, log_prompts: 12}")
+    policy = POLICY.replace("stage_spans: true}", "stage_spans: true, log_prompts: 12}")
     policy = policy.replace('otlp_endpoint: "OTLP", ', "")
     gw = start_gateway(policy, mock_llm.url)
     body = {

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 from opentelemetry.trace import Span, SpanKind
 
+from gateway import heap
 from gateway.asgi import Message, Receive, Scope, Send, send_simple
 from gateway.context import RequestContext
 from gateway.errors import BodyTooLarge, Deny, GatewayError, Headers, UpstreamError, error_response
@@ -53,8 +54,15 @@ class GatewayApp:
 
     def _close_later(self, pipeline: Pipeline) -> None:
         self._retired.discard(pipeline)
-        task = asyncio.get_running_loop().create_task(pipeline.close())
-        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(pipeline.close())
+
+        def closed(t: asyncio.Task[None]) -> None:
+            if not t.cancelled():
+                t.exception()
+            loop.call_soon(heap.refreeze)  # once the task has let go of the pipeline
+
+        task.add_done_callback(closed)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
+from gateway import heap
 from gateway.admin import AdminApp
 from gateway.app import GatewayApp
 from gateway.asgi import ASGIApp
@@ -202,6 +203,7 @@ async def serve(path: Path, overrides: Overrides = Overrides(), worker: bool = F
             "upstream": policy.upstream.url,
         },
     )
+    heap.freeze()  # everything built so far lives as long as the process
     try:
         await main.serve(sockets=sockets["main"])
     finally:

@@ -4,9 +4,12 @@ It is :class:`gateway.store.memory.MemoryStore` in Lua (same windows, same integ
 arithmetic, same answers; a test runs both side by side). The clock is Redis' own ``TIME``,
 so every gateway replica sees the same window edges whatever its own clock says; tests may
 pass ``now`` instead. Each counter is one hash ``{w, c, p}`` (window index, current and
-previous count) that expires two windows after its last change (a fixed window: one minute
-after its end). A key given twice in one batch is one counter (as in memory). Integer
-division is done with ``math.fmod`` so it stays exact in Lua's doubles below 2^53.
+previous count). Its expiry is set by the first write of each window: two periods later
+for a sliding window (so it outlives the next window, which reads it as the previous one),
+one minute after the window's end for a fixed one; later writes in the same window leave it
+(one ``PEXPIRE`` a window instead of one a request). A key given twice in one batch is one
+counter (as in memory). Integer division is done with ``math.fmod`` so it stays exact in
+Lua's doubles below 2^53.
 
 ``KEYS``: one per counter. ``ARGV``: ``mode`` (``hit`` or ``add``), ``now`` in ms (empty:
 ``TIME``), then per counter ``limit, period_ms, amount, fixed(0|1)``. ``hit`` returns
@@ -34,7 +37,7 @@ if not now then
 end
 local n = #KEYS
 local lim, per, amt, fix, win, ela, cur, prv = {}, {}, {}, {}, {}, {}, {}, {}
-local at, first, dirty = {}, {}, {}
+local at, first, dirty, rolled = {}, {}, {}, {}
 for i = 1, n do
   local b = 2 + (i - 1) * 4
   lim[i] = tonumber(ARGV[b + 1])
@@ -51,6 +54,7 @@ for i = 1, n do
     if w ~= win[i] then
       if w == win[i] - 1 and not fix[i] then p = c else p = 0 end
       c = 0
+      rolled[i] = true
     end
     cur[i], prv[i] = c, p
   end
@@ -84,7 +88,9 @@ if failed == 0 then
   for i = 1, n do
     if dirty[i] then
       redis.call('HSET', KEYS[i], 'w', win[i], 'c', cur[i], 'p', prv[i])
-      if fix[i] then
+      if not rolled[i] then
+        -- same window as the stored one: its expiry, set when the window began, still holds
+      elseif fix[i] then
         redis.call('PEXPIRE', KEYS[i], per[i] - ela[i] + 60000)
       else
         redis.call('PEXPIRE', KEYS[i], 2 * per[i])

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import redis
 
 from gateway.store.base import Counter, Verdict
 from gateway.store.memory import MemoryStore
@@ -60,6 +61,33 @@ async def same_as_memory(url: str, tag: str, steps: int = 400) -> None:
 
 def test_script_gives_the_memory_store_answers(redis_server: RedisServer) -> None:
     asyncio.run(same_as_memory(redis_server.url, "eq"))
+
+
+def test_expiry_is_set_by_the_first_write_of_a_window(redis_server: RedisServer) -> None:
+    async def run() -> None:
+        rs = RedisStore(redis_server.url, 1.0)
+        raw = redis.Redis.from_url(redis_server.url)
+        sliding = Counter("ttl:{a}:r60000", 10, 60_000, 1, False)
+        fixed = Counter("ttl:{a}:b", 10, DAY, 1, True)
+        try:
+            rs.now = T0 + 1_000
+            assert (await rs.hit([sliding, fixed])).allowed
+            assert 119_000 < raw.pttl(sliding.key) <= 120_000
+            until_midnight = DAY - (T0 + 1_000) % DAY
+            assert until_midnight < raw.pttl(fixed.key) <= until_midnight + 60_000
+            raw.pexpire(sliding.key, 30_000)  # stands for time gone by in this window
+            rs.now = T0 + 2_000
+            assert (await rs.hit([sliding])).allowed
+            assert raw.pttl(sliding.key) <= 30_000  # same window: left as it was
+            rs.now = T0 + 61_000  # the next window: its first write sets it again
+            verdict = await rs.hit([sliding])
+            assert verdict.allowed and verdict.remaining == [10 - 1 - 2 * 59 // 60]
+            assert raw.pttl(sliding.key) > 119_000
+        finally:
+            raw.close()
+            await rs.close()
+
+    asyncio.run(run())
 
 
 def test_budget_resets_on_the_next_utc_day(redis_server: RedisServer) -> None:

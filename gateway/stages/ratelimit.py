@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -278,8 +277,9 @@ class RateLimitStage:
 
 def micro_usd(usd: float) -> int:
     """USD as whole micro-dollars, rounded up (budgets count in them); float noise such as
-    ``0.1 * 1e6 == 100000.00000000001`` is rounded away first."""
-    return math.ceil(round(usd * 1_000_000, 3))
+    ``0.1 * 1e6 == 100000.00000000001`` is rounded away first (to the nano-dollar: an integer
+    ``round``, a tenth of the cost of rounding to 3 decimals)."""
+    return -(-round(usd * 1_000_000_000) // 1000)
 
 
 def _policy(ws: tuple[Window, ...]) -> bytes:

@@ -163,11 +163,13 @@ class RedisStore:
         self.now = now
         """Fixed script time in ms, for tests; None uses Redis' clock."""
 
-    async def _eval(self, mode: str, counters: Sequence[Counter]) -> list[int]:
+    async def _eval(
+        self, mode: str, counters: Sequence[Counter], deadline: float | None = None
+    ) -> list[int]:
         keys = [c.key for c in counters]
         if self.lean is not None:
             argv = _argv(mode, counters, self.now)
-            reply = await self.lean.evalsha(self._sha, LIMIT_SCRIPT, keys, argv)
+            reply = await self.lean.evalsha(self._sha, LIMIT_SCRIPT, keys, argv, deadline)
         else:
             reply = await self._script(keys=keys, args=_argv(mode, counters, self.now))
         return list(reply) if isinstance(reply, list) else [int(reply)]
@@ -175,6 +177,10 @@ class RedisStore:
     async def _run(self, mode: str, groups: Sequence[Sequence[Counter]]) -> list[list[int]]:
         """The script once per group (per hash slot), in parallel, under the timeout."""
         try:
+            if self.lean is not None and len(groups) == 1:
+                # the lean client keeps the deadline itself (cheaper than asyncio.timeout)
+                deadline = asyncio.get_running_loop().time() + self.timeout
+                return [await self._eval(mode, groups[0], deadline)]
             async with asyncio.timeout(self.timeout):
                 if len(groups) == 1:
                     return [await self._eval(mode, groups[0])]

@@ -107,6 +107,11 @@ class _Connection(asyncio.Protocol):
         self._fail()
 
 
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError("redis reply timed out"))
+
+
 class LeanRedis:
     """The few commands the store needs, over one lazily (re)opened connection."""
 
@@ -169,24 +174,45 @@ class LeanRedis:
         self._conn = conn
         return conn
 
-    async def call(self, *args: Arg) -> Any:
-        """Send one command and wait for its reply; raises RespError or ConnectionError."""
-        conn = await self._connection()
+    async def call(self, *args: Arg, deadline: float | None = None) -> Any:
+        """Send one command and wait for its reply; raises RespError or ConnectionError, and
+        TimeoutError once the loop's clock passes ``deadline`` (connecting included)."""
+        conn = self._conn
+        if conn is None or conn.closed:
+            if deadline is None:
+                conn = await self._connection()
+            else:
+                async with asyncio.timeout_at(deadline):
+                    conn = await self._connection()
+        fut = conn.send(pack(args))
+        # A timer on the reply, not asyncio.timeout: that one costs ~8 µs a call in task
+        # cancellation machinery; a late reply is still read and dropped, keeping the order.
+        timer = conn.loop.call_at(deadline, _expire, fut) if deadline is not None else None
         try:
-            return await conn.send(pack(args))
+            return await fut
         except RespError as exc:
             if str(exc).startswith(("READONLY", "LOADING", "MASTERDOWN")):
                 conn.abort()  # a failed-over master or a restarting one: find the new one
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
 
-    async def evalsha(self, sha: str, script: str, keys: Sequence[str], args: Sequence[Arg]) -> Any:
+    async def evalsha(
+        self,
+        sha: str,
+        script: str,
+        keys: Sequence[str],
+        args: Sequence[Arg],
+        deadline: float | None = None,
+    ) -> Any:
         """Run a script by its hash, loading it (``EVAL``) when Redis does not have it."""
         try:
-            return await self.call(b"EVALSHA", sha, len(keys), *keys, *args)
+            return await self.call(b"EVALSHA", sha, len(keys), *keys, *args, deadline=deadline)
         except RespError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
-        return await self.call(b"EVAL", script, len(keys), *keys, *args)
+        return await self.call(b"EVAL", script, len(keys), *keys, *args, deadline=deadline)
 
     async def ping(self) -> None:
         """Round trip to Redis."""

@@ -19,22 +19,36 @@ _STREAM = b'"stream"'
 MAX_EVENT = 1024 * 1024
 
 
-def wants_injection(path: str, body: bytes) -> bytes | None:
-    """The body with ``include_usage`` added, for a streamed OpenAI request without it."""
-    if not path.endswith(OPENAI_PATHS) or _STREAM not in body:
+UNREAD: Any = object()
+"""Default of ``wants_injection``'s ``doc``: no stage decoded the body."""
+
+
+def wants_injection(path: str, body: bytes, doc: Any = UNREAD) -> bytes | None:
+    """The body with ``include_usage`` added, for a streamed OpenAI request without it.
+
+    ``doc`` is ``json.loads(body)`` when a stage already decoded it (e.g. for the input
+    guardrail): a request that is not streamed is then told apart without a scan of the body
+    (most of this function's cost); ``doc`` itself is never modified."""
+    if not path.endswith(OPENAI_PATHS):
         return None
-    try:
-        doc: Any = json.loads(body)
-    except ValueError:
+    if doc is not UNREAD and (not isinstance(doc, dict) or doc.get("stream") is not True):
         return None
-    if not isinstance(doc, dict) or doc.get("stream") is not True:
+    if _STREAM not in body:
         return None
+    if doc is UNREAD:
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            return None
+        if not isinstance(doc, dict) or doc.get("stream") is not True:
+            return None
     options = doc.get("stream_options")
     if options is None:
         options = {}
     if not isinstance(options, dict) or options.get("include_usage") is True:
         return None
-    doc["stream_options"] = {**options, "include_usage": True}
+    # A copy: the decoded document may be shared with the stages that decoded it.
+    doc = {**doc, "stream_options": {**options, "include_usage": True}}
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import itertools
 import re
 
-from gateway.auth.cache import Verified
 from gateway.auth.claims import ClaimRules, named_tiers
 from gateway.auth.failures import MESSAGES, STATUS, Reason, TokenError
 from gateway.auth.jwks import JwksFetcher
@@ -86,11 +85,14 @@ class AuthStage:
                 if raw is not None:
                     return self._fail("malformed")
                 raw = v
-        if raw is None or (len(raw) <= self.max_bytes and raw[:7].lower() != b"bearer "):
-            # No Bearer token: normal on a public route, so not counted as a failure there.
+        # No Bearer token is normal on a public route, so not counted as a failure there.
+        if raw is None:
             return self._fail("missing_token") if self.required else None
         if len(raw) > self.max_bytes:
             return self._fail("token_too_large")
+        # The usual spelling first: it spares building a lower-cased copy of the scheme.
+        if not raw.startswith(b"Bearer ") and raw[:7].lower() != b"bearer ":
+            return self._fail("missing_token") if self.required else None
         token = raw[7:].strip(b" ")
         try:
             verified = self.verifier.verify(token)
@@ -103,10 +105,6 @@ class AuthStage:
                 return self._fail(again.reason)
         if self.tiers is not None and verified.identity.tier not in self.tiers:
             return self._fail("insufficient_scope")
-        self._forward(ctx, verified)
-        return None
-
-    def _forward(self, ctx: RequestContext, verified: Verified) -> None:
         ctx.identity = verified.identity
         out = ctx.upstream_headers
         if self.h_sub is not None:
@@ -115,6 +113,7 @@ class AuthStage:
             out.append((self.h_tier, verified.tier))
         if self.h_claims is not None and verified.claims_json is not None:
             out.append((self.h_claims, verified.claims_json))
+        return None
 
 
 def _spellings(name: str) -> set[bytes]:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
-from gateway.llm.include_usage import UsageEventStripper, wants_injection
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.llm.include_usage import UNREAD, UsageEventStripper, wants_injection
 
 CHAT = "/v1/chat/completions"
 
@@ -44,3 +48,64 @@ def test_stripper_passes_other_streams_through() -> None:
     data = b"event: ping\ndata: {}\n\n"
     assert s.feed(data) == data
     assert s.feed(b"partial") == b"" and s.end() == b"partial"
+
+
+def reference(path: str, body: bytes) -> bytes | None:
+    """``wants_injection`` as it was before it could take the decoded document."""
+    if not path.endswith(("/chat/completions", "/completions")) or b'"stream"' not in body:
+        return None
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict) or doc.get("stream") is not True:
+        return None
+    options = doc.get("stream_options")
+    if options is None:
+        options = {}
+    if not isinstance(options, dict) or options.get("include_usage") is True:
+        return None
+    doc["stream_options"] = {**options, "include_usage": True}
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(-2, 2), st.text(max_size=3), st.just([]), st.just({})
+)
+OPTIONS = st.one_of(
+    VALUES, st.dictionaries(st.sampled_from(["include_usage", "x"]), VALUES, max_size=2)
+)
+
+
+@st.composite
+def bodies(draw: st.DrawFn) -> bytes:
+    doc: dict[str, object] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    streams = st.one_of(st.just(True), VALUES)  # mostly streamed, where the work is
+    for key, values in (("stream", streams), ("stream_options", OPTIONS), ("n", VALUES)):
+        if draw(st.booleans()):
+            doc[key] = draw(values)
+    keys = draw(st.permutations(list(doc)))
+    text = json.dumps(
+        {k: doc[k] for k in keys}, separators=draw(st.sampled_from([None, (",", ":")]))
+    )
+    if draw(st.integers(0, 3)) == 0:  # a key only a JSON decoder sees as "stream"
+        text = text.replace('"stream"', '"\\u0073tream"')
+    return text.encode()
+
+
+@settings(max_examples=400, deadline=None)
+@given(bodies(), st.sampled_from([CHAT, "/v1/completions", "/v1/messages"]))
+def test_a_decoded_document_gives_the_same_answer_and_stays_unchanged(
+    body: bytes, path: str
+) -> None:
+    doc = json.loads(body)
+    before = copy.deepcopy(doc)
+    expected = reference(path, body)
+    assert wants_injection(path, body) == expected
+    assert wants_injection(path, body, doc) == expected
+    assert doc == before and list(doc) == list(before)
+
+
+def test_a_document_that_is_not_an_object_or_not_json() -> None:
+    assert wants_injection(CHAT, b'["stream"]', ["stream"]) is None
+    assert wants_injection(CHAT, b'{"stream": true', UNREAD) is None

@@ -8,7 +8,7 @@ it prints one row per case:
 * ``verify``: :meth:`gateway.auth.verify.Verifier.verify` on a token (HS256 with a 48-byte
   secret, RS256 with a 2048-bit key and a ``kid``; realistic claims: iss, aud, sub, tier,
   iat, exp, jti), once with ``cache_size: 0`` (full parse, signature and claim checks every
-  time) and once with the cache warm (SHA-256 of the token, an LRU dict lookup, an expiry
+  time) and once with the cache warm (an LRU dict lookup by the token, an expiry
   check and the hit counter).
 * ``stage``: the whole :class:`gateway.stages.auth.AuthStage` ``on_request`` (header scan,
   size and scheme checks, verification, identity headers), driven without an event loop on

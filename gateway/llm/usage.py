@@ -11,6 +11,7 @@
   document, or a server-sent-events stream scanned line by line for ``data:`` lines that
   carry ``"usage"``) and give the usage at the end.
 * :class:`Prices` turns tokens into USD with the policy's ``cost`` table.
+* :func:`decode_json` is ``json.loads`` for a body, quicker on the usual JSON object.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ BYTES_PER_TOKEN = 3
 MAX_JSON_ANSWER = 4 * 1024 * 1024
 MAX_SSE_LINE = 1024 * 1024
 _USAGE = b'"usage"'
+_JSON_SPACE = " \t\n\r"
+_raw_decode = json.JSONDecoder().raw_decode
 
 
 @dataclass(slots=True, frozen=True)
@@ -57,6 +60,18 @@ def estimate_request(body: bytes, default_max_tokens: int) -> RequestEstimate | 
     except ValueError:
         return None
     return estimate_from(doc, len(body), default_max_tokens)
+
+
+def decode_json(body: bytes) -> Any:
+    """``json.loads(body)``: the same document or the same error, a third quicker for a short
+    UTF-8 JSON object (``json.loads`` detects the encoding and runs two whitespace regexes,
+    which a body starting with ``{`` does not need)."""
+    if body[:1] == b"{" and body[1:2] != b"\x00":  # json.detect_encoding would say UTF-8
+        text = body.decode("utf-8", "surrogatepass")
+        doc, end = _raw_decode(text)
+        if end == len(text) or not text[end:].strip(_JSON_SPACE):
+            return doc
+    return json.loads(body)  # other encodings, and the exact error for extra data
 
 
 def looks_like_object(body: bytes) -> bool:
@@ -139,7 +154,7 @@ class JsonUsage:
         if _USAGE not in body:
             return None
         try:
-            return usage_from_json(json.loads(body))
+            return usage_from_json(decode_json(body))
         except ValueError:
             return None
 

@@ -24,6 +24,7 @@ from gateway.guard.engine import Verdict
 from gateway.guard.markup import mask_pii
 from gateway.guard.output import AnswerChecker
 from gateway.guard.sse import SseGuard
+from gateway.llm.usage import decode_json
 from gateway.pipeline import BodyFilter, BuildContext, Phase, ResponseHead
 from gateway.policy.sections import OutputGuardConfig
 from gateway.routes import CompiledRoute
@@ -110,7 +111,7 @@ class _JsonGuard:
         doc: Any = None
         if not self.unreadable:
             try:
-                doc = json.loads(body)
+                doc = decode_json(body)
             except (ValueError, RecursionError):
                 doc = None
         if doc is None:

@@ -29,6 +29,12 @@ _USAGE = b'"usage"'
 _JSON_SPACE = " \t\n\r"
 _raw_decode = json.JSONDecoder().raw_decode
 
+ANSWER_DOC = "usage.answer_doc"
+"""``ctx.notes`` key of ``(body, doc)``: a JSON answer as a response stage passed it on and
+its decoded document, left by a stage that decodes the answer anyway (the output guardrail)
+so that :class:`JsonUsage` need not decode it again. Whoever leaves it removes it by the end
+of the request: notes go to the access log."""
+
 
 @dataclass(slots=True, frozen=True)
 class RequestEstimate:
@@ -146,13 +152,17 @@ class JsonUsage:
         if self._size <= MAX_JSON_ANSWER:
             self._parts.append(chunk)
 
-    def result(self) -> Tokens | None:
-        """The answer's usage; None when absent, malformed or the answer was too large."""
+    def result(self, decoded: tuple[bytes, Any] | None = None) -> Tokens | None:
+        """The answer's usage; None when absent, malformed or the answer was too large.
+        ``decoded`` is a ``(body, doc)`` pair (see :data:`ANSWER_DOC`): ``doc`` is read
+        instead of decoding the answer when the answer is exactly ``body``."""
         if self._size > MAX_JSON_ANSWER:
             return None
-        body = b"".join(self._parts)
+        body = b"".join(self._parts)  # of one part: that part itself, so `is` usually holds
         if _USAGE not in body:
             return None
+        if decoded is not None and (decoded[0] is body or decoded[0] == body):
+            return usage_from_json(decoded[1])
         try:
             return usage_from_json(decode_json(body))
         except ValueError:

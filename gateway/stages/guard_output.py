@@ -24,7 +24,7 @@ from gateway.guard.engine import Verdict
 from gateway.guard.markup import mask_pii
 from gateway.guard.output import AnswerChecker
 from gateway.guard.sse import SseGuard
-from gateway.llm.usage import decode_json
+from gateway.llm.usage import ANSWER_DOC, decode_json
 from gateway.pipeline import BodyFilter, BuildContext, Phase, ResponseHead
 from gateway.policy.sections import OutputGuardConfig
 from gateway.routes import CompiledRoute
@@ -68,6 +68,10 @@ class OutputGuardStage:
         if is_sse:
             return SseGuard(self.checker, lambda v: outcome.record(ctx, "output", v.hits))
         return _JsonGuard(self, ctx, head)
+
+    def on_finish(self, ctx: RequestContext) -> None:
+        """Drop the decoded answer left for the usage stage, if no usage stage took it."""
+        ctx.notes.pop(ANSWER_DOC, None)
 
     def verdicts(self, answers: list[Answer]) -> list[tuple[Answer, Verdict]]:
         """The answers that violate a rule, with their verdicts."""
@@ -129,9 +133,10 @@ class _JsonGuard:
                 changed = True
         if cfg.mask_pii:
             changed = self._mask(answers) or changed
-        if not changed:
-            return body
-        return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+        if changed:
+            body = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+        ctx.notes[ANSWER_DOC] = (body, doc)  # the usage stage reads it instead of decoding
+        return body
 
     def _mask(self, answers: list[Answer]) -> bool:
         count = 0

@@ -19,7 +19,7 @@ from typing import Any
 
 from gateway.context import RequestContext
 from gateway.llm.include_usage import UsageEventStripper, wants_injection
-from gateway.llm.usage import JsonUsage, Prices, SseUsage, Tokens
+from gateway.llm.usage import ANSWER_DOC, JsonUsage, Prices, SseUsage, Tokens
 from gateway.pipeline import BuildContext, Phase, ResponseHead
 from gateway.routes import CompiledRoute
 from gateway.stages.ratelimit import RESERVATION, Reservation, micro_usd
@@ -64,7 +64,12 @@ class UsageFilter:
 
     async def on_end(self) -> bytes:
         """Record the usage and settle; adds nothing to the body."""
-        self.stage.finish(self.ctx, self.status, self.scanner.result())
+        scanner = self.scanner
+        if isinstance(scanner, JsonUsage):
+            tokens = scanner.result(self.ctx.notes.pop(ANSWER_DOC, None))
+        else:
+            tokens = scanner.result()
+        self.stage.finish(self.ctx, self.status, tokens)
         return self.stripper.end() if self.stripper is not None else b""
 
 

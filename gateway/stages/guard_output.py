@@ -32,13 +32,6 @@ from gateway.routes import CompiledRoute
 _JSON = (b"content-type", b"application/json")
 
 
-def _header(head: ResponseHead, name: bytes) -> bytes:
-    for k, v in head.headers:
-        if k == name:
-            return v.lower()
-    return b""
-
-
 class OutputGuardStage:
     """Checks the answers of one route."""
 
@@ -59,11 +52,19 @@ class OutputGuardStage:
         """A filter for checkable answers, None for the rest."""
         if not 200 <= head.status < 300:
             return None
-        ctype = _header(head, b"content-type")
+        ctype = encoding = None
+        for k, v in head.headers:  # the first of each, in one pass: this runs for every answer
+            if k == b"content-type":
+                if ctype is None:
+                    ctype = v.lower()
+            elif k == b"content-encoding" and encoding is None:
+                encoding = v
+        if ctype is None:
+            return None
         is_sse = ctype.startswith(b"text/event-stream")
         if not is_sse and not (ctype.startswith(b"application/json") or b"+json" in ctype):
             return None
-        if _header(head, b"content-encoding") not in (b"", b"identity"):
+        if encoding is not None and encoding.lower() not in (b"", b"identity"):
             return _JsonGuard(self, ctx, head, unreadable=True)
         if is_sse:
             return SseGuard(self.checker, lambda v: outcome.record(ctx, "output", v.hits))
@@ -86,6 +87,7 @@ class OutputGuardStage:
 class _JsonGuard:
     """Sees a whole JSON answer before its head is sent."""
 
+    __slots__ = ("ctx", "head", "stage", "unreadable")
     buffer = True
 
     def __init__(

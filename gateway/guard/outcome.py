@@ -22,6 +22,7 @@ NOTE = "guardrail"
 #: All actions of both stages, mildest first; the header shows the most severe one.
 SEVERITY = ("pass", "monitor", "mask", "truncate", "sanitize", "replace", "block")
 _RANK = {action: i for i, action in enumerate(SEVERITY)}
+_VALUES = {action: action.encode() for action in SEVERITY}
 
 
 def record(ctx: RequestContext, stage: str, hits: Iterable[tuple[str, str]]) -> None:
@@ -50,6 +51,12 @@ def note(ctx: RequestContext, action: str) -> None:
 
 def set_header(headers: Headers, ctx: RequestContext) -> None:
     """Put the request's outcome in ``headers`` (replacing an earlier value)."""
-    value = str(ctx.notes.get(NOTE, "pass")).encode()
-    headers[:] = [(k, v) for k, v in headers if k != HEADER]
+    action = ctx.notes.get(NOTE, "pass")
+    value = _VALUES.get(action) if isinstance(action, str) else None
+    if value is None:
+        value = str(action).encode()
+    for k, _ in headers:
+        if k == HEADER:  # the input guardrail's value: only then is the list rebuilt
+            headers[:] = [(k, v) for k, v in headers if k != HEADER]
+            break
     headers.append((HEADER, value))

@@ -15,6 +15,7 @@ from gateway.policy.sections import OutputGuardConfig
 from gateway.text import normalise
 
 SEVERITY = ("monitor", "replace", "block")
+_RANK = {action: i for i, action in enumerate(SEVERITY)}
 
 
 class AnswerChecker:
@@ -28,10 +29,11 @@ class AnswerChecker:
         self.max_chars = cfg.max_chars
         self.mask = cfg.mask_pii
         self.fallback = cfg.fallback
+        self.skip_code = cfg.skip_code
 
     def view(self, text: str, in_fence: bool = False) -> str:
         """The normalised, rendered view of ``text`` (code blanked with ``skip_code``)."""
-        if self.cfg.skip_code:
+        if self.skip_code:
             text, _ = strip_code(text, in_fence)
         return normalise(text, self.decode)
 
@@ -65,8 +67,7 @@ class AnswerChecker:
 
 def worst(a: Verdict, b: Verdict) -> Verdict:
     """The two verdicts merged: the more severe decides; the other's monitor hits are kept."""
-    rank = {action: i for i, action in enumerate(SEVERITY)}
-    top, other = (a, b) if rank[a.action] >= rank[b.action] else (b, a)
+    top, other = (a, b) if _RANK[a.action] >= _RANK[b.action] else (b, a)
     return Verdict(
         top.action, top.rule, top.hits + tuple(h for h in other.hits if h[1] == "monitor")
     )

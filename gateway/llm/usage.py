@@ -11,13 +11,14 @@
   document, or a server-sent-events stream scanned line by line for ``data:`` lines that
   carry ``"usage"``) and give the usage at the end.
 * :class:`Prices` turns tokens into USD with the policy's ``cost`` table.
+* :func:`decode_json` is ``json.loads`` for a body, quicker on the usual JSON object.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from gateway.policy.sections import CostConfig, ModelPrice
 
@@ -25,6 +26,14 @@ BYTES_PER_TOKEN = 3
 MAX_JSON_ANSWER = 4 * 1024 * 1024
 MAX_SSE_LINE = 1024 * 1024
 _USAGE = b'"usage"'
+_JSON_SPACE = " \t\n\r"
+_raw_decode = json.JSONDecoder().raw_decode
+
+ANSWER_DOC = "usage.answer_doc"
+"""``ctx.notes`` key of ``(body, doc)``: a JSON answer as a response stage passed it on and
+its decoded document, left by a stage that decodes the answer anyway (the output guardrail)
+so that :class:`JsonUsage` need not decode it again. Whoever leaves it removes it by the end
+of the request: notes go to the access log."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -41,9 +50,9 @@ class RequestEstimate:
         return self.prompt_tokens + self.max_tokens
 
 
-@dataclass(slots=True, frozen=True)
-class Tokens:
-    """Usage reported by the model service."""
+class Tokens(NamedTuple):
+    """Usage reported by the model service (a tuple: made for every answer, and a frozen
+    dataclass takes twice as long to make)."""
 
     input: int
     output: int
@@ -57,6 +66,18 @@ def estimate_request(body: bytes, default_max_tokens: int) -> RequestEstimate | 
     except ValueError:
         return None
     return estimate_from(doc, len(body), default_max_tokens)
+
+
+def decode_json(body: bytes) -> Any:
+    """``json.loads(body)``: the same document or the same error, a third quicker for a short
+    UTF-8 JSON object (``json.loads`` detects the encoding and runs two whitespace regexes,
+    which a body starting with ``{`` does not need)."""
+    if body[:1] == b"{" and body[1:2] != b"\x00":  # json.detect_encoding would say UTF-8
+        text = body.decode("utf-8", "surrogatepass")
+        doc, end = _raw_decode(text)
+        if end == len(text) or not text[end:].strip(_JSON_SPACE):
+            return doc
+    return json.loads(body)  # other encodings, and the exact error for extra data
 
 
 def looks_like_object(body: bytes) -> bool:
@@ -82,11 +103,14 @@ def estimate_from(doc: Any, size: int, default_max_tokens: int) -> RequestEstima
     return RequestEstimate(model if isinstance(model, str) else None, prompt, ceiling)
 
 
-def _count(obj: dict[str, Any], *names: str) -> int | None:
-    for name in names:
-        value = obj.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return value
+def _count(obj: dict[str, Any], first: str, second: str) -> int | None:
+    # Two names, spelt out: this runs for every answer and every usage event.
+    value = obj.get(first)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    value = obj.get(second)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
     return None
 
 
@@ -131,15 +155,19 @@ class JsonUsage:
         if self._size <= MAX_JSON_ANSWER:
             self._parts.append(chunk)
 
-    def result(self) -> Tokens | None:
-        """The answer's usage; None when absent, malformed or the answer was too large."""
+    def result(self, decoded: tuple[bytes, Any] | None = None) -> Tokens | None:
+        """The answer's usage; None when absent, malformed or the answer was too large.
+        ``decoded`` is a ``(body, doc)`` pair (see :data:`ANSWER_DOC`): ``doc`` is read
+        instead of decoding the answer when the answer is exactly ``body``."""
         if self._size > MAX_JSON_ANSWER:
             return None
-        body = b"".join(self._parts)
-        if _USAGE not in body:
+        body = b"".join(self._parts)  # of one part: that part itself, so `is` usually holds
+        if body.find(_USAGE) < 0:  # `in` on bytes first raises and clears a TypeError
             return None
+        if decoded is not None and (decoded[0] is body or decoded[0] == body):
+            return usage_from_json(decoded[1])
         try:
-            return usage_from_json(json.loads(body))
+            return usage_from_json(decode_json(body))
         except ValueError:
             return None
 

@@ -24,18 +24,12 @@ from gateway.guard.engine import Verdict
 from gateway.guard.markup import mask_pii
 from gateway.guard.output import AnswerChecker
 from gateway.guard.sse import SseGuard
+from gateway.llm.usage import ANSWER_DOC, decode_json
 from gateway.pipeline import BodyFilter, BuildContext, Phase, ResponseHead
 from gateway.policy.sections import OutputGuardConfig
 from gateway.routes import CompiledRoute
 
 _JSON = (b"content-type", b"application/json")
-
-
-def _header(head: ResponseHead, name: bytes) -> bytes:
-    for k, v in head.headers:
-        if k == name:
-            return v.lower()
-    return b""
 
 
 class OutputGuardStage:
@@ -58,15 +52,27 @@ class OutputGuardStage:
         """A filter for checkable answers, None for the rest."""
         if not 200 <= head.status < 300:
             return None
-        ctype = _header(head, b"content-type")
+        ctype = encoding = None
+        for k, v in head.headers:  # the first of each, in one pass: this runs for every answer
+            if k == b"content-type":
+                if ctype is None:
+                    ctype = v.lower()
+            elif k == b"content-encoding" and encoding is None:
+                encoding = v
+        if ctype is None:
+            return None
         is_sse = ctype.startswith(b"text/event-stream")
         if not is_sse and not (ctype.startswith(b"application/json") or b"+json" in ctype):
             return None
-        if _header(head, b"content-encoding") not in (b"", b"identity"):
+        if encoding is not None and encoding.lower() not in (b"", b"identity"):
             return _JsonGuard(self, ctx, head, unreadable=True)
         if is_sse:
             return SseGuard(self.checker, lambda v: outcome.record(ctx, "output", v.hits))
         return _JsonGuard(self, ctx, head)
+
+    def on_finish(self, ctx: RequestContext) -> None:
+        """Drop the decoded answer left for the usage stage, if no usage stage took it."""
+        ctx.notes.pop(ANSWER_DOC, None)
 
     def verdicts(self, answers: list[Answer]) -> list[tuple[Answer, Verdict]]:
         """The answers that violate a rule, with their verdicts."""
@@ -81,6 +87,7 @@ class OutputGuardStage:
 class _JsonGuard:
     """Sees a whole JSON answer before its head is sent."""
 
+    __slots__ = ("ctx", "head", "stage", "unreadable")
     buffer = True
 
     def __init__(
@@ -110,7 +117,7 @@ class _JsonGuard:
         doc: Any = None
         if not self.unreadable:
             try:
-                doc = json.loads(body)
+                doc = decode_json(body)
             except (ValueError, RecursionError):
                 doc = None
         if doc is None:
@@ -128,9 +135,10 @@ class _JsonGuard:
                 changed = True
         if cfg.mask_pii:
             changed = self._mask(answers) or changed
-        if not changed:
-            return body
-        return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+        if changed:
+            body = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+        ctx.notes[ANSWER_DOC] = (body, doc)  # the usage stage reads it instead of decoding
+        return body
 
     def _mask(self, answers: list[Answer]) -> bool:
         count = 0

@@ -19,7 +19,7 @@ from typing import Any
 
 from gateway.context import RequestContext
 from gateway.llm.include_usage import UsageEventStripper, wants_injection
-from gateway.llm.usage import JsonUsage, Prices, SseUsage, Tokens
+from gateway.llm.usage import ANSWER_DOC, JsonUsage, Prices, SseUsage, Tokens
 from gateway.pipeline import BuildContext, Phase, ResponseHead
 from gateway.routes import CompiledRoute
 from gateway.stages.ratelimit import RESERVATION, Reservation, micro_usd
@@ -29,21 +29,11 @@ from gateway.store import Counter, SharedState
 INJECTED = "usage_requested_by_gateway"
 
 
-def _kind(head: ResponseHead) -> str | None:
-    for k, v in head.headers:
-        if k == b"content-type":
-            if v.startswith(b"text/event-stream"):
-                return "sse"
-            if b"json" in v:
-                return "json"
-            return None
-    return None
-
-
 class UsageFilter:
     """Watches one answer's body; passes every chunk through unchanged, except the usage
     events the gateway asked for on the client's behalf."""
 
+    __slots__ = ("ctx", "scanner", "stage", "status", "stripper")
     buffer = False
 
     def __init__(
@@ -64,7 +54,12 @@ class UsageFilter:
 
     async def on_end(self) -> bytes:
         """Record the usage and settle; adds nothing to the body."""
-        self.stage.finish(self.ctx, self.status, self.scanner.result())
+        scanner = self.scanner
+        if isinstance(scanner, JsonUsage):
+            tokens = scanner.result(self.ctx.notes.pop(ANSWER_DOC, None))
+        else:
+            tokens = scanner.result()
+        self.stage.finish(self.ctx, self.status, tokens)
         return self.stripper.end() if self.stripper is not None else b""
 
 
@@ -97,12 +92,15 @@ class UsageStage:
 
     def on_response(self, ctx: RequestContext, head: ResponseHead) -> UsageFilter | None:
         """A filter for JSON and event-stream answers; others settle at once."""
-        kind = _kind(head)
-        if kind is None:
-            self.finish(ctx, head.status, None)
-            return None
-        scanner = SseUsage() if kind == "sse" else JsonUsage()
-        return UsageFilter(self, ctx, head.status, scanner)
+        for k, v in head.headers:
+            if k == b"content-type":
+                if v.startswith(b"text/event-stream"):
+                    return UsageFilter(self, ctx, head.status, SseUsage())
+                if v.find(b"json") >= 0:  # `in` on bytes first raises and clears a TypeError
+                    return UsageFilter(self, ctx, head.status, JsonUsage())
+                break
+        self.finish(ctx, head.status, None)
+        return None
 
     def on_finish(self, ctx: RequestContext) -> None:
         """The request ended without its answer being read to the end (denied after the
@@ -124,23 +122,27 @@ class UsageStage:
             usage.estimated = True
         else:
             if res is not None:
-                self._settle(res, 0, 0)  # an error answer without usage: nothing was used
+                self._settle(res, 0, 0.0)  # an error answer without usage: nothing was used
             return
         usage.cost_usd = self.prices.cost(usage.model, usage.input_tokens, usage.output_tokens)
         if res is not None and tokens is not None:
-            self._settle(res, tokens.input + tokens.output, micro_usd(usage.cost_usd))
+            self._settle(res, tokens.input + tokens.output, usage.cost_usd)
 
-    def _settle(self, res: Reservation, tokens: int, micro: int) -> None:
-        if self.state is None:
+    def _settle(self, res: Reservation, tokens: int, usd: float) -> None:
+        state = self.state
+        if state is None:
             return
-        fixes = [_delta(c, tokens) for c in res.tokens]
-        if res.budget is not None:
-            fixes.append(_delta(res.budget, micro))
-        self.state.settle([c for c in fixes if c.amount], res.local)
-
-
-def _delta(c: Counter, actual: int) -> Counter:
-    return Counter(c.key, c.limit, c.period_ms, actual - c.amount, c.fixed)
+        fixes = [
+            Counter(c.key, c.limit, c.period_ms, tokens - c.amount, c.fixed)
+            for c in res.tokens
+            if c.amount != tokens  # nothing to correct: not written
+        ]
+        b = res.budget
+        if b is not None:
+            micro = micro_usd(usd)
+            if b.amount != micro:
+                fixes.append(Counter(b.key, b.limit, b.period_ms, micro - b.amount, b.fixed))
+        state.settle(fixes, res.local)
 
 
 def build_usage_stages(route: CompiledRoute, build: BuildContext) -> list[Any]:

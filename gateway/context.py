@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from gateway.llm.usage import decode_json
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -85,12 +86,20 @@ class RequestContext:
         if self._doc_of is not body:
             self._doc_of = body
             try:
-                self._doc, self._doc_error = json.loads(body), None
+                self._doc, self._doc_error = decode_json(body), None
             except (ValueError, RecursionError) as exc:
                 self._doc, self._doc_error = None, exc
         if self._doc_error is not None:
             raise self._doc_error
         return self._doc
+
+    def decoded_body(self, default: Any) -> Any:
+        """What :meth:`json_body` decoded from the current ``body``, or ``default`` when no
+        stage has decoded it (or it is not JSON): for a reader that can do without."""
+        body = self.body
+        if body is not None and self._doc_of is body and self._doc_error is None:
+            return self._doc
+        return default
 
     def header(self, name: bytes) -> bytes | None:
         """First value of request header ``name`` (lower-case), or None."""

@@ -124,7 +124,8 @@ def fold(text: str) -> str:
     text = text.lower()
     if _SPACED_Q.search(raw) is not None:  # before spacing is collapsed: wide gaps part words
         text = _SPACED.sub(_join_letters, text)
-    if (not printable or b"  " in raw) and _ODD_SPACE_Q.search(raw) is not None:
+    # .find: `in` on bytes first tries the buffer protocol, raising and clearing a TypeError
+    if (not printable or raw.find(b"  ") >= 0) and _ODD_SPACE_Q.search(raw) is not None:
         text = _ODD_SPACE.sub(" ", text)
     if not printable and _BLANK_LINES_Q.search(raw) is not None:
         text = _BLANK_LINES.sub("\n", text)

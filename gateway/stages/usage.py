@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.context import RequestContext
-from gateway.llm.include_usage import UsageEventStripper, wants_injection
+from gateway.llm.include_usage import UNREAD, UsageEventStripper, wants_injection
 from gateway.llm.usage import ANSWER_DOC, JsonUsage, Prices, SseUsage, Tokens
 from gateway.pipeline import BuildContext, Phase, ResponseHead
 from gateway.routes import CompiledRoute
@@ -74,7 +74,7 @@ class IncludeUsageStage:
     async def on_request(self, ctx: RequestContext) -> None:
         """Rewrite the body when it is a streamed OpenAI request without ``include_usage``."""
         if ctx.body:
-            new = wants_injection(ctx.path, ctx.body)
+            new = wants_injection(ctx.path, ctx.body, ctx.decoded_body(UNREAD))
             if new is not None:
                 ctx.body = new
                 ctx.notes[INJECTED] = True

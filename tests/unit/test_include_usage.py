@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.context import RequestContext
 from gateway.llm.include_usage import UNREAD, UsageEventStripper, wants_injection
+from gateway.stages.usage import IncludeUsageStage
 
 CHAT = "/v1/chat/completions"
 
@@ -109,3 +112,18 @@ def test_a_decoded_document_gives_the_same_answer_and_stays_unchanged(
 def test_a_document_that_is_not_an_object_or_not_json() -> None:
     assert wants_injection(CHAT, b'["stream"]', ["stream"]) is None
     assert wants_injection(CHAT, b'{"stream": true', UNREAD) is None
+
+
+def test_the_stage_reuses_a_body_another_stage_decoded() -> None:
+    stage = IncludeUsageStage()
+    route = type("R", (), {"name": "chat", "layer": None})()
+    body = b'{"model":"m","stream":true,"messages":[]}'
+    ctx = RequestContext({"type": "http"}, "r", route, "POST", "/v1/chat/completions", "ip", [])
+    ctx.body = body
+    assert ctx.decoded_body(UNREAD) is UNREAD  # nobody decoded it yet
+    doc = ctx.json_body()
+    assert ctx.decoded_body(UNREAD) is doc
+    asyncio.run(stage.on_request(ctx))
+    assert json.loads(ctx.body)["stream_options"] == {"include_usage": True}
+    assert "stream_options" not in doc  # the shared document is left as it was
+    assert ctx.decoded_body(UNREAD) is UNREAD  # a new body: the old document is not its own

@@ -67,10 +67,10 @@ class Tracing:
             sampler=sampler, resource=Resource.create({"service.name": cfg.service_name})
         )
         if exporter is not None:
-            # The exporter's thread encodes batches in Python (~120 µs a span). With the default
-            # 5 ms GIL switch interval the event loop could wait that long for the GIL at every
-            # export: the p99 at 500 req/s went from +2 ms to +7 ms with export on. Shorter
-            # slices keep the loop's waits short; the switches only happen while both run.
+            # The exporter's thread encodes batches in Python (~120 µs a span on the bench
+            # machine). With the default 5 ms GIL switch interval the event loop can wait that
+            # long for the GIL during an export; shorter slices keep its waits short, and the
+            # extra switches only happen while both threads want to run.
             sys.setswitchinterval(GIL_SWITCH_INTERVAL)
             self.provider.add_span_processor(
                 BatchSpanProcessor(

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -59,13 +60,19 @@ class Tokens(NamedTuple):
     model: str | None = None
 
 
-def estimate_request(body: bytes, default_max_tokens: int) -> RequestEstimate | None:
-    """The estimate for a JSON object body; None when the body is not one (no LLM call)."""
-    try:
-        doc = json.loads(body) if looks_like_object(body) else None
-    except ValueError:
+def estimate_request(
+    body: bytes, default_max_tokens: int, decode: Callable[[bytes], Any] | None = None
+) -> RequestEstimate | None:
+    """The estimate for a JSON object body; None when the body is not one (no LLM call).
+    ``decode`` decodes ``body`` (a request's cached :meth:`RequestContext.json_body`);
+    :func:`decode_json` by default."""
+    if body[:1] != b"{" and body.lstrip()[:1] != b"{":
         return None
-    return estimate_from(doc, len(body), default_max_tokens)
+    try:
+        doc = (decode or decode_json)(body)
+    except (ValueError, RecursionError):
+        return None
+    return _estimate(doc, len(body), default_max_tokens)
 
 
 def decode_json(body: bytes) -> Any:
@@ -80,13 +87,7 @@ def decode_json(body: bytes) -> Any:
     return json.loads(body)  # other encodings, and the exact error for extra data
 
 
-def looks_like_object(body: bytes) -> bool:
-    """Whether ``body`` may be a JSON object (others are not LLM calls: not decoded)."""
-    return body[:1] == b"{" or body.lstrip()[:1] == b"{"
-
-
-def estimate_from(doc: Any, size: int, default_max_tokens: int) -> RequestEstimate | None:
-    """The estimate for a decoded request ``doc`` of ``size`` bytes; None unless an object."""
+def _estimate(doc: Any, size: int, default_max_tokens: int) -> RequestEstimate | None:
     if not isinstance(doc, dict):
         return None
     model = doc.get("model")

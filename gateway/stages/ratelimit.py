@@ -48,7 +48,7 @@ from limits import RateLimitItem, parse_many
 
 from gateway.context import Identity, RequestContext
 from gateway.errors import Deny
-from gateway.llm.usage import Prices, RequestEstimate, estimate_from, looks_like_object
+from gateway.llm.usage import Prices, RequestEstimate, estimate_request
 from gateway.pipeline import BuildContext, Phase
 from gateway.policy.sections import RateLimitConfig
 from gateway.routes import CompiledRoute
@@ -226,12 +226,7 @@ class RateLimitStage:
         bud = self.budget.get(ident.tier)
         if not tok and bud is None:
             return None
-        body = ctx.body or b""
-        try:
-            doc = ctx.json_body() if looks_like_object(body) else None
-        except (ValueError, RecursionError):
-            doc = None
-        est = estimate_from(doc, len(body), self.default_max_tokens)
+        est = estimate_request(ctx.body or b"", self.default_max_tokens, lambda _: ctx.json_body())
         if est is None:
             return None  # not an LLM call
         ctx.usage.model = est.model

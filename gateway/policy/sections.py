@@ -67,6 +67,21 @@ class StateConfig(Section):
     (``on_error`` decides at once) until a background ping succeeds."""
     breaker_probe: Duration = 1.0
     """While the breaker is open, the store is pinged this often; the first answer closes it."""
+    local_share: float = Field(default=0.0, ge=0.0, le=0.5)
+    """Share of a counter's remaining room this process may admit without asking the store
+    (0, the default: every limited request makes one round trip and limits are exact). After
+    a request the store admitted, its counters' room ``R`` is known: the next requests are
+    admitted in-process while they fit in ``local_share * R`` and ``local_ttl`` has not
+    passed; what they add is written within 20 ms, merged per counter. Anything that does not
+    fit asks the store, so refusals stay exact. One process never exceeds a limit this way
+    (its unwritten additions are taken off the room). With several, a counter can be exceeded
+    by what the others admitted and had not written yet (at most 20 ms of their in-process
+    admissions), and, with more than ``1 / local_share`` processes (workers included), by
+    their leases' excess over the room. Counted in ``gateway_state_local_admissions_total``;
+    only for a shared store. Keep 0 where limits must be exact across replicas."""
+    local_ttl: Duration = Field(default=0.25, gt=0, le=10)
+    """How long the room learnt from the store is used (``local_share``) before it is
+    asked again."""
 
     @model_validator(mode="after")
     def _no_inline_password(self) -> StateConfig:

@@ -104,6 +104,12 @@ STATE_DEGRADED = Gauge(
     registry=REGISTRY,
     multiprocess_mode="livemax",
 )
+STATE_LOCAL = Counter(
+    "gateway_state_local_admissions_total",
+    "Limited requests admitted in-process on room learnt from the shared store, without a "
+    "round trip (state.local_share).",
+    registry=REGISTRY,
+)
 STATE_FALLBACK = Counter(
     "gateway_state_fallback_total",
     "Requests decided without the shared counter store, by state.on_error (allow, deny, local).",

@@ -68,8 +68,8 @@ class StateConfig(Section):
     breaker_probe: Duration = 1.0
     """While the breaker is open, the store is pinged this often; the first answer closes it."""
     local_share: float = Field(default=0.0, ge=0.0, le=0.5)
-    """Share of a counter's remaining room this process may admit without asking the store
-    (0, the default: every limited request makes one round trip and limits are exact). After
+    """Share (0 to 0.5) of a counter's remaining room this process may admit without asking
+    the store (0, the default: every limited request makes one round trip; exact). After
     a request the store admitted, its counters' room ``R`` is known: the next requests are
     admitted in-process while they fit in ``local_share * R`` and ``local_ttl`` has not
     passed; what they add is written within 20 ms, merged per counter. Anything that does not

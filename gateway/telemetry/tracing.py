@@ -1,8 +1,10 @@
 """OpenTelemetry tracing: W3C trace context in and out, one server span per request.
 
 Set up once per process (a reload keeps the provider: ``telemetry`` changes need a restart).
-Export is OTLP over HTTP/protobuf or gRPC through a batch processor, so exporting never blocks
-or fails a request: when the queue is full, spans are dropped. Without an endpoint (policy or
+Export is OTLP over HTTP/protobuf or gRPC from a child process that receives finished spans in
+batches (:mod:`gateway.telemetry.export_process`), so exporting never blocks or fails a request
+and its encoding does not compete with the event loop for the GIL: when the queue is full,
+spans are dropped. Without an endpoint (policy or
 ``OTEL_EXPORTER_OTLP_*``) nothing is recorded, but trace ids are still taken from the client
 or made up, propagated upstream and returned.
 """
@@ -13,13 +15,12 @@ import logging
 import os
 import random
 import re
-import sys
 from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
 from opentelemetry.trace import Span, SpanKind
@@ -30,35 +31,20 @@ from gateway.policy.sections import TelemetryConfig
 log = logging.getLogger("gateway.tracing")
 
 _PROPAGATOR = TraceContextTextMapPropagator()
-GIL_SWITCH_INTERVAL = 0.0005
-"""Seconds a thread holds the GIL before another may take it, while spans are exported."""
 
 
-def _exporter(cfg: TelemetryConfig) -> SpanExporter | None:
-    endpoint = cfg.otlp_endpoint
-    env_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
-        "OTEL_EXPORTER_OTLP_ENDPOINT"
-    )
-    if not endpoint and not env_endpoint:
-        return None
-    protocol = cfg.otlp_protocol or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
-    if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as G
+def exporter_for(cfg: TelemetryConfig) -> SpanExporter | None:
+    """The OTLP exporter the section (or ``OTEL_EXPORTER_OTLP_*``) asks for, or None."""
+    from gateway.telemetry.export_process import otlp_exporter
 
-        return G(endpoint=endpoint, timeout=2) if endpoint else G(timeout=2)
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as H
-
-    # A short timeout bounds how long a shutdown flush waits for a collector that is gone.
-    if endpoint:
-        return H(endpoint=endpoint.rstrip("/") + "/v1/traces", timeout=2)
-    return H(timeout=2)
+    return otlp_exporter(cfg.otlp_endpoint, cfg.otlp_protocol)
 
 
 class Tracing:
     """The process's tracer, sampler and propagator."""
 
     def __init__(self, cfg: TelemetryConfig) -> None:
-        exporter = _exporter(cfg)
+        exporter = exporter_for(cfg)
         # Roots are sampled by :meth:`records` before the SDK sees them (unsampled requests
         # take the light path); the SDK then records whatever it is given.
         sampler = ParentBased(ALWAYS_ON if exporter else ALWAYS_OFF)
@@ -67,22 +53,8 @@ class Tracing:
             sampler=sampler, resource=Resource.create({"service.name": cfg.service_name})
         )
         if exporter is not None:
-            # The exporter's thread encodes batches in Python (~120 µs a span on the bench
-            # machine). With the default 5 ms GIL switch interval the event loop can wait that
-            # long for the GIL during an export; shorter slices keep its waits short, and the
-            # extra switches only happen while both threads want to run.
-            sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-            self.provider.add_span_processor(
-                BatchSpanProcessor(
-                    exporter,
-                    max_queue_size=4096,
-                    # small batches, often: encoding a batch holds the GIL, and one large
-                    # batch a second showed up as a +40 ms p99 at 500 req/s
-                    schedule_delay_millis=200,
-                    max_export_batch_size=128,
-                    export_timeout_millis=2000,
-                )
-            )
+            exporter.shutdown()  # the child process exports; this one only checked the config
+            self.provider.add_span_processor(_processor(cfg))
         self.tracer = self.provider.get_tracer("gateway")
         self.exporting = exporter is not None
         self.stage_spans = cfg.stage_spans
@@ -116,6 +88,25 @@ class Tracing:
     def shutdown(self) -> None:
         """Flush what is queued (bounded by the exporter's timeout)."""
         self.provider.shutdown()
+
+
+def _processor(cfg: TelemetryConfig) -> SpanProcessor:
+    """Export from a child process; in this one (a thread) only if it cannot be started."""
+    from gateway.telemetry.export_process import ProcessSpanProcessor
+
+    try:
+        return ProcessSpanProcessor(cfg)
+    except OSError as exc:
+        log.warning("span export process not started (%s): exporting in-process", exc)
+    exporter = exporter_for(cfg)
+    assert exporter is not None
+    return BatchSpanProcessor(
+        exporter,
+        max_queue_size=4096,
+        schedule_delay_millis=200,
+        max_export_batch_size=128,
+        export_timeout_millis=2000,
+    )
 
 
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")

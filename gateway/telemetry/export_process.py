@@ -156,11 +156,15 @@ class ProcessSpanProcessor(SpanProcessor):
     def _send(self) -> None:
         batch: list[Flat] = []
         queue = self._queue
-        while queue:
-            batch.append(flatten(queue.popleft()))
-        if not batch or self._broken:
+        try:
+            while queue:
+                batch.append(flatten(queue.popleft()))
+            if not batch or self._broken:
+                return
+            data = pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # a span the flattening did not foresee: drop the batch, go on
+            log.exception("spans could not be handed to the export process; batch dropped")
             return
-        data = pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
         stdin = self._child.stdin
         assert stdin is not None
         try:

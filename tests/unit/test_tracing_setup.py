@@ -60,3 +60,16 @@ def test_a_span_handed_to_the_child_encodes_exactly_as_the_original() -> None:
     assert len(capture.spans) == 2
     again = [rebuild(flatten(s)) for s in capture.spans]
     assert encode_spans(again) == encode_spans(capture.spans)
+
+
+def test_a_dead_child_drops_spans_without_failing_the_caller() -> None:
+    processor = ProcessSpanProcessor(TelemetryConfig(otlp_endpoint="http://127.0.0.1:9"))
+    provider = TracerProvider()
+    provider.add_span_processor(processor)
+    processor._child.kill()
+    processor._child.wait()
+    for _ in range(3):
+        provider.get_tracer("t").start_span("s").end()
+        assert processor.force_flush()  # no exception reaches the request path
+    assert processor._broken
+    provider.shutdown()

@@ -212,13 +212,20 @@ def _read_batches(stream: IO[bytes]) -> Any:
         yield pickle.loads(data)
 
 
+def endpoint_set(endpoint: str | None) -> bool:
+    """Whether spans go anywhere: ``telemetry.otlp_endpoint`` or an ``OTEL_EXPORTER_OTLP_*``
+    endpoint variable."""
+    return bool(
+        endpoint
+        or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    )
+
+
 def otlp_exporter(endpoint: str | None, protocol: str | None) -> SpanExporter | None:
     """The OTLP exporter for ``telemetry.otlp_endpoint`` / ``otlp_protocol`` (or the
     ``OTEL_EXPORTER_OTLP_*`` variables), or None when no endpoint is set anywhere."""
-    env_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
-        "OTEL_EXPORTER_OTLP_ENDPOINT"
-    )
-    if not endpoint and not env_endpoint:
+    if not endpoint_set(endpoint):
         return None
     protocol = protocol or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
     if protocol == "grpc":

@@ -27,6 +27,7 @@ from opentelemetry.trace import Span, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from gateway.policy.sections import TelemetryConfig
+from gateway.telemetry.export_process import ProcessSpanProcessor, endpoint_set, otlp_exporter
 
 log = logging.getLogger("gateway.tracing")
 
@@ -35,8 +36,6 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 
 def exporter_for(cfg: TelemetryConfig) -> SpanExporter | None:
     """The OTLP exporter the section (or ``OTEL_EXPORTER_OTLP_*``) asks for, or None."""
-    from gateway.telemetry.export_process import otlp_exporter
-
     return otlp_exporter(cfg.otlp_endpoint, cfg.otlp_protocol)
 
 
@@ -44,19 +43,18 @@ class Tracing:
     """The process's tracer, sampler and propagator."""
 
     def __init__(self, cfg: TelemetryConfig) -> None:
-        exporter = exporter_for(cfg)
+        exporting = endpoint_set(cfg.otlp_endpoint)
         # Roots are sampled by :meth:`records` before the SDK sees them (unsampled requests
         # take the light path); the SDK then records whatever it is given.
-        sampler = ParentBased(ALWAYS_ON if exporter else ALWAYS_OFF)
+        sampler = ParentBased(ALWAYS_ON if exporting else ALWAYS_OFF)
         self.ratio = cfg.sample_ratio
         self.provider = TracerProvider(
             sampler=sampler, resource=Resource.create({"service.name": cfg.service_name})
         )
-        if exporter is not None:
-            exporter.shutdown()  # the child process exports; this one only checked the config
+        if exporting:
             self.provider.add_span_processor(_processor(cfg))
         self.tracer = self.provider.get_tracer("gateway")
-        self.exporting = exporter is not None
+        self.exporting = exporting
         self.stage_spans = cfg.stage_spans
         """Whether stages get child spans (``telemetry.stage_spans``)."""
 
@@ -92,8 +90,6 @@ class Tracing:
 
 def _processor(cfg: TelemetryConfig) -> SpanProcessor:
     """Export from a child process; in this one (a thread) only if it cannot be started."""
-    from gateway.telemetry.export_process import ProcessSpanProcessor
-
     try:
         return ProcessSpanProcessor(cfg)
     except OSError as exc:

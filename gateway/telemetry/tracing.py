@@ -21,7 +21,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
 from opentelemetry.trace import Span, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -32,11 +32,6 @@ from gateway.telemetry.export_process import ProcessSpanProcessor, endpoint_set,
 log = logging.getLogger("gateway.tracing")
 
 _PROPAGATOR = TraceContextTextMapPropagator()
-
-
-def exporter_for(cfg: TelemetryConfig) -> SpanExporter | None:
-    """The OTLP exporter the section (or ``OTEL_EXPORTER_OTLP_*``) asks for, or None."""
-    return otlp_exporter(cfg.otlp_endpoint, cfg.otlp_protocol)
 
 
 class Tracing:
@@ -94,7 +89,7 @@ def _processor(cfg: TelemetryConfig) -> SpanProcessor:
         return ProcessSpanProcessor(cfg)
     except OSError as exc:
         log.warning("span export process not started (%s): exporting in-process", exc)
-    exporter = exporter_for(cfg)
+    exporter = otlp_exporter(cfg.otlp_endpoint, cfg.otlp_protocol)
     assert exporter is not None
     return BatchSpanProcessor(
         exporter,

@@ -548,12 +548,19 @@ def request_head(method: str, target: str, headers: Headers, host: bytes) -> byt
     out = [f"{method} {target} HTTP/1.1\r\n".encode("latin-1")]
     has_host = False
     for k, v in headers:
-        if b"\n" in v or b"\r" in v or b"\n" in k or b":" in k:
-            raise protocol_error()
         if k == b"host":
             has_host = True
         out.append(b"%b: %b\r\n" % (k, v))
     if not has_host:
         out.append(b"host: %b\r\n" % host)
     out.append(b"\r\n")
-    return b"".join(out)
+    head = b"".join(out)
+    # Every line ends with one CR LF: any other CR or LF would split a line. Counted once over
+    # the head (a quarter of the cost of testing each header with ``in``).
+    lines = len(out)
+    if head.count(b"\n") != lines or head.count(b"\r") != lines:
+        raise protocol_error()
+    for k, _ in headers:
+        if k.find(b":") >= 0:
+            raise protocol_error()
+    return head

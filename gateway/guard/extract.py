@@ -82,8 +82,12 @@ def parse_body(body: bytes, max_depth: int, decode: Callable[[], Any] | None = N
     # and a rule could be evaded by one inside a word. Only bodies with such an escape pay
     # for the string walk.
     strict = _SURROGATE_ESCAPE.search(body) is not None
-    # Only containers are walked: a scalar document (``0``, ``true``) has no depth to check.
-    stack: list[tuple[Any, int]] = [(doc, 1)] if isinstance(doc, dict | list) else []
+    # Only containers are walked: a scalar document (``0``, ``true``) has no depth to check;
+    # nor does one with fewer brackets (counted in C, strings included) than ``max_depth``.
+    walk = isinstance(doc, dict | list) and (
+        strict or body.count(b"{") + body.count(b"[") > max_depth
+    )
+    stack: list[tuple[Any, int]] = [(doc, 1)] if walk else []
     while stack:
         node, depth = stack.pop()
         if depth > max_depth:

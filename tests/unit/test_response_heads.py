@@ -8,8 +8,10 @@ import json
 import pytest
 
 from gateway.context import RequestContext
+from gateway.errors import UpstreamError
 from gateway.guard import outcome
 from gateway.guard.sse import SseGuard
+from gateway.http1 import request_head
 from gateway.llm.usage import JsonUsage, SseUsage
 from gateway.pipeline import Pipeline, ResponseHead
 from gateway.policy import load_policy_text
@@ -130,3 +132,27 @@ def test_guardrail_header_of_every_action() -> None:
     headers = []
     outcome.set_header(headers, ctx)
     assert headers == [(outcome.HEADER, b"pass")]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"x-a", b"ok\r\nx-injected: 1")],
+        [(b"x-a", b"ok\nx-injected: 1")],
+        [(b"x-a", b"ok\r")],
+        [(b"x-a:b", b"ok")],
+        [(b"x-a\r\nx-b", b"ok")],
+    ],
+)
+def test_upstream_request_head_refuses_a_header_that_would_split(
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    with pytest.raises(UpstreamError):
+        request_head("POST", "/v1/chat", [(b"accept", b"*/*"), *headers], b"up")
+
+
+def test_upstream_request_head_lines() -> None:
+    head = request_head("GET", "/a?b=c:d", [(b"x-url", b"http://h:1/p")], b"up:8080")
+    assert head == b"GET /a?b=c:d HTTP/1.1\r\nx-url: http://h:1/p\r\nhost: up:8080\r\n\r\n"
+    with pytest.raises(UpstreamError):
+        request_head("GET", "/a\r\nx: y", [], b"up")

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import base64
+import re
 from urllib.parse import quote
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from gateway import text
 from gateway.text import fold, normalise, strip_control
+
+# Texts rich in what the quick checks look for: base64 runs, padding, controls, non-ASCII.
+_TEXTS = st.text(
+    alphabet=st.sampled_from(list("aZ09+/_-= \n\t.\x00\x1b\x7f\u00e9\u0416\u200b")), max_size=80
+) | st.text(max_size=40)
 
 
 @pytest.mark.parametrize(
@@ -59,6 +68,20 @@ def test_base64_runs_that_are_words_or_binary_are_skipped() -> None:
     assert normalise("internationalization", ["base64"]) == "internationalization"
     binary = base64.b64encode(bytes(range(256))).decode()
     assert "\n" not in normalise(binary, ["base64"])
+
+
+@settings(max_examples=3000, deadline=None)
+@given(_TEXTS)
+def test_quick_checks_agree_with_their_definitions(sample: str) -> None:
+    """The byte-level quick checks answer what ``str.isprintable`` and a regex search of a
+    base64 run would, and never skip a text whose runs ``_base64_decoded`` would decode."""
+    if sample.isascii():
+        assert text._ascii_printable(sample.encode()) == sample.isprintable()
+    has_run = re.search(r"[A-Za-z0-9+/_-]{16,}", sample) is not None
+    if text._has_base64_run(sample):
+        assert has_run
+    else:
+        assert not has_run or text._base64_decoded(sample) == []
 
 
 def test_strip_control_keeps_text_layout() -> None:

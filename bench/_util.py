@@ -253,6 +253,15 @@ def rss_mb(pid: int) -> float:
     raise ValueError(f"no VmRSS for pid {pid}")
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User plus system CPU time ``pids`` have used so far, in seconds (/proc/PID/stat)."""
+    ticks = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def _percentile(sorted_ms: list[float], pct: float) -> float | None:
     """Nearest-rank percentile of an ascending list (None when empty)."""
     if not sorted_ms:

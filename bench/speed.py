@@ -9,7 +9,9 @@ and cost budgets, input and output guardrails, metrics, tracing exported at samp
 full chain with ``state.local_share: 0.1`` (an opt-in: limits decided in-process on room
 leased from Redis), and both with ``--workers 2``. Load: wrk -c32 -t2 POST of a 1 KB chat
 body; then a fixed 500 req/s open-loop run, direct vs each full chain, for the latency added.
-RSS of each full-chain worker is sampled under load. Results: stdout, ``bench/results/speed.json``;
+RSS of each full-chain worker is sampled under load, and each gateway's CPU time (its serving
+processes, ``/proc``) per request served: the throughput ratios without the noise of how much
+of the two cores the other processes left it. Results: stdout, ``bench/results/speed.json``;
 ``--write-readme`` fills the README's speed section.
 
 Targets (issue: speed): full chain ≥ 60% of pass-through and ≥ 6% of nginx; added p50 ≤ 0.5 ms
@@ -38,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._util import (
+    cpu_seconds,
     free_port,
     json_body,
     median_by_rps,
@@ -186,23 +189,32 @@ def measure(duration: int, rate: int, workers: bool = True, rounds: int = 1) -> 
             time.sleep(1)
             samples: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
             for _, (name, (port, headers)) in itertools.product(range(rounds), targets.items()):
+                load: dict[str, Any] = {"body": body, "headers": headers}
                 url = f"http://127.0.0.1:{port}{PATH}"
                 run_wrk(url, duration_s=2, method="POST", body=body, headers=headers)
                 proc = gateways.get(name)
                 if proc is None:
-                    samples[name].append(
-                        run_wrk(url, duration_s=duration, method="POST", body=body, headers=headers)
-                    )
-                    continue
+                    if name != "pass-through":
+                        samples[name].append(
+                            run_wrk(url, duration_s=duration, method="POST", **load)
+                        )
+                        continue
+                    proc = bare
                 pids = children(proc.pid) if name.endswith("2 workers") else [proc.pid]
                 # each worker's span-export process (gateway.telemetry.export_process)
                 helpers = [c for pid in pids for c in children(pid)]
                 with contextlib.ExitStack() as stack:
                     peaks = [stack.enter_context(PeakRss(pid)) for pid in pids]
                     helper_peaks = [stack.enter_context(PeakRss(pid)) for pid in helpers]
-                    samples[name].append(
-                        run_wrk(url, duration_s=duration, method="POST", body=body, headers=headers)
-                    )
+                    cpu = cpu_seconds(pids)
+                    run = run_wrk(url, duration_s=duration, method="POST", **load)
+                    cpu = cpu_seconds(pids) - cpu
+                # The serving processes' CPU a request: what the throughput ratios measure,
+                # without the share of the cores the other processes left them.
+                run["cpu_us_per_req"] = round(1e6 * cpu / max(1.0, run["rps"] * duration))
+                samples[name].append(run)
+                if proc is bare:
+                    continue
                 rss = max(peak.peak for peak in peaks)
                 out["full_chain_rss_mb"] = max(out.get("full_chain_rss_mb", 0), round(rss, 1))
                 if helper_peaks:
@@ -238,14 +250,15 @@ def summarise(res: dict[str, Any]) -> list[str]:
         f"run, median of {res.get('rounds', 1)} interleaved rounds, POST of a 1 KB chat body. "
         "Command: `python -m bench.speed`.",
         "",
-        "| target | req/s | p50 / p99 ms | vs pass-through | vs nginx |",
-        "|---|---|---|---|---|",
+        "| target | req/s | p50 / p99 ms | vs pass-through | vs nginx | gateway CPU µs/req |",
+        "|---|---|---|---|---|---|",
     ]
     for name, r in t.items():
         bare, nginx = 100 * rps[name] / rps["pass-through"], 100 * rps[name] / rps["nginx"]
+        cpu = r.get("cpu_us_per_req")
         lines.append(
             f"| {name} | {rps[name]:.0f} | {r['p50_ms']:.2f} / {r['p99_ms']:.2f} | "
-            f"{bare:.0f}% | {nginx:.1f}% |"
+            f"{bare:.0f}% | {nginx:.1f}% | {cpu if cpu is not None else '—'} |"
         )
     f = res["fixed_rate"]
     lines += ["", "| check | target | full chain | with `local_share` |", "|---|---|---|---|"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import random
 import re
 
 Headers = list[tuple[bytes, bytes]]
@@ -31,7 +31,9 @@ def request_id_from(value: bytes | None) -> str:
     """The client's ``X-Request-ID`` when it is a sane token, a new random id otherwise."""
     if value is not None and _REQUEST_ID.match(value):
         return value.decode("ascii")
-    return os.urandom(16).hex()
+    # Unique, not secret: the generator OpenTelemetry's ids come from (``os.urandom`` is a
+    # getrandom syscall a request).
+    return f"{random.getrandbits(128):032x}"
 
 
 def connection_tokens(headers: Headers) -> frozenset[bytes]:

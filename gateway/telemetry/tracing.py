@@ -12,7 +12,6 @@ or made up, propagated upstream and returned.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
 from typing import Any
@@ -107,10 +106,11 @@ def light_context(header: str | None) -> tuple[str, str, str]:
     """(trace id, new span id, flags) without the SDK, for when nothing is exported: the
     client's trace id when its ``traceparent`` is valid, a new one otherwise."""
     m = _TRACEPARENT.match(header) if header else None
-    span_id = os.urandom(8).hex()
+    # As OpenTelemetry's RandomIdGenerator (ids are unique, not secret); all zeros is invalid.
+    span_id = f"{random.getrandbits(64) or 1:016x}"
     if m and m.group(1) != "0" * 32 and m.group(2) != "0" * 16:
         return m.group(1), span_id, m.group(3)
-    return os.urandom(16).hex(), span_id, "00"
+    return f"{random.getrandbits(128) or 1:032x}", span_id, "00"
 
 
 def traceparent(span: Span) -> str:

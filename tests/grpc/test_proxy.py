@@ -31,6 +31,9 @@ from tests.grpc.conftest import (
 from tests.integration.test_workers import requests_by_worker, wait_workers_listening
 from tests.procs import ROOT, Gateway, MockLLM, free_port, wait_tcp
 
+#: Tolerance on a deadline the service reports, for the timeout's wire rounding.
+SLACK = 0.01
+
 
 def _events(stub: object, pb2: object, want: str, timeout: float = 5.0) -> str:
     deadline = time.monotonic() + timeout
@@ -183,8 +186,10 @@ def test_policy_timeout_caps_the_deadline(
     pb2 = stubs.pb2
     with channel(gw.grpc_address) as ch:
         stub = stubs.grpc.EchoStub(ch)
-        assert 0.0 < stub.Unary(pb2.Msg(text="d"), timeout=30).deadline_s <= 0.5
-        assert 0.0 < stub.Unary(pb2.Msg(text="d")).deadline_s <= 0.5
+        # The timeout's wire encoding (grpc-timeout, rounded up to its unit) can show the
+        # service a hair more than the cap (0.50013 s seen once): the point is 0.5, not 30.
+        assert 0.0 < stub.Unary(pb2.Msg(text="d"), timeout=30).deadline_s <= 0.5 + SLACK
+        assert 0.0 < stub.Unary(pb2.Msg(text="d")).deadline_s <= 0.5 + SLACK
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as info:
             stub.Sleep(pb2.Msg(text="late-2", delay_ms=5000), timeout=30)

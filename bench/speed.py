@@ -188,18 +188,16 @@ def measure(duration: int, rate: int, workers: bool = True, rounds: int = 1) -> 
                 targets[name] = (targets[name][0], auth)
             time.sleep(1)
             samples: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+            serving = {"pass-through": bare, **gateways}
             for _, (name, (port, headers)) in itertools.product(range(rounds), targets.items()):
-                load: dict[str, Any] = {"body": body, "headers": headers}
                 url = f"http://127.0.0.1:{port}{PATH}"
                 run_wrk(url, duration_s=2, method="POST", body=body, headers=headers)
-                proc = gateways.get(name)
+                proc = serving.get(name)
                 if proc is None:
-                    if name != "pass-through":
-                        samples[name].append(
-                            run_wrk(url, duration_s=duration, method="POST", **load)
-                        )
-                        continue
-                    proc = bare
+                    samples[name].append(
+                        run_wrk(url, duration_s=duration, method="POST", body=body, headers=headers)
+                    )
+                    continue
                 pids = children(proc.pid) if name.endswith("2 workers") else [proc.pid]
                 # each worker's span-export process (gateway.telemetry.export_process)
                 helpers = [c for pid in pids for c in children(pid)]
@@ -207,7 +205,9 @@ def measure(duration: int, rate: int, workers: bool = True, rounds: int = 1) -> 
                     peaks = [stack.enter_context(PeakRss(pid)) for pid in pids]
                     helper_peaks = [stack.enter_context(PeakRss(pid)) for pid in helpers]
                     cpu = cpu_seconds(pids)
-                    run = run_wrk(url, duration_s=duration, method="POST", **load)
+                    run = run_wrk(
+                        url, duration_s=duration, method="POST", body=body, headers=headers
+                    )
                     cpu = cpu_seconds(pids) - cpu
                 # The serving processes' CPU a request: what the throughput ratios measure,
                 # without the share of the cores the other processes left them.

@@ -94,7 +94,7 @@ _FOLD_Q = re2.compile("[" + "".join(f"\\x{{{cp:x}}}" for cp in sorted(_FOLD)) + 
 _B64_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/_-"
 _B64_CLASS = bytes(0x61 if b in _B64_CHARS else 0x20 for b in range(256))  # run chars → "a"
 _B64_LONG = b"a" * 16
-_B64_NOT_LETTER = bytes(b for b in range(256) if b not in b"0123456789+/_-=")
+_DROP_B64_LETTERS_AND_OTHERS = bytes(b for b in range(256) if b not in b"0123456789+/_-=")
 _ASCII_CTRL = bytes([*range(0x20), 0x7F])
 _B64_RUN = re.compile(r"[A-Za-z0-9+/_-]{16,}={0,2}")
 _URL_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
@@ -184,7 +184,7 @@ def _has_base64_run(text: str) -> bool:
     text that has a digit, symbol or padding somewhere (runs of letters only are skipped)."""
     raw = text.encode("utf-8", "surrogatepass")
     return raw.translate(_B64_CLASS).find(_B64_LONG) >= 0 and bool(
-        raw.translate(None, _B64_NOT_LETTER)
+        raw.translate(None, _DROP_B64_LETTERS_AND_OTHERS)
     )
 
 

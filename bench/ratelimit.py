@@ -15,6 +15,12 @@ loads each at a fixed 500 req/s with the open-loop generator of ``bench._util``,
 no-limit case's; ``max_rps_closed_loop`` is a 5 s ``wrk -c32`` run; ``state_errors`` counts
 Redis calls that failed or timed out (50 ms) in all of a case's runs.
 
+Part 3 (``--script`` runs only this part) is Redis' own CPU a request for the limit script
+(``INFO commandstats``: EVALSHA µs / requests) with the four counters of ``bench.speed``'s
+full chain (ip, tier, tokens, budget), the requests of a loop turn grouped into one call
+(8 at a time through ``RedisStore.hit``, as under load) against one call each (the
+baseline, same run), best of three rounds.
+
 Results: stdout and ``bench/results/ratelimit.json``.
 """
 
@@ -43,6 +49,8 @@ from gateway.context import RequestContext
 from gateway.pipeline import Pipeline
 from gateway.policy import load_policy_text
 from gateway.stages.ratelimit import build_ratelimit_stages
+from gateway.store.base import Counter
+from gateway.store.redis import RedisStore
 from gateway.telemetry import metrics
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ratelimit.json"
@@ -135,6 +143,41 @@ async def stage_costs(redis_url: str, calls: int) -> dict[str, dict[str, float]]
     return out
 
 
+def _evalsha_usec(url: str) -> float:
+    out = subprocess.run(
+        ["redis-cli", "-u", url, "INFO", "commandstats"], capture_output=True, text=True
+    ).stdout
+    for line in out.splitlines():
+        if line.startswith("cmdstat_evalsha:"):
+            return float(line.split("usec=")[1].split(",")[0])
+    return 0.0
+
+
+async def script_costs(redis_url: str, calls: int) -> dict[str, float]:
+    """Redis' CPU a request for the limit script, one request a call vs 8 a call."""
+    rs = RedisStore(redis_url, 1.0)
+    counters = [
+        Counter("b:{ip:192.0.2.1}:*:r60000", 10**12, 60_000),
+        Counter("b:{u:bench}:*:r60000", 10**12, 60_000),
+        Counter("b:{u:bench}:*:t86400000", 10**15, 86_400_000, 300),
+        Counter("b:{u:bench}:*:b", 10**15, 86_400_000, 50, True),
+    ]
+    out: dict[str, float] = {}
+    try:
+        await rs.hit(counters)  # loads the script
+        for _ in range(3):
+            for name, together in (("one_a_call", 1), ("eight_a_call", 8)):
+                before = _evalsha_usec(redis_url)
+                for _ in range(calls // together):
+                    await asyncio.gather(*(rs.hit(counters) for _ in range(together)))
+                per = (_evalsha_usec(redis_url) - before) / (calls // together * together)
+                out[name] = round(min(out.get(name, per), per), 1)
+    finally:
+        await rs.close()
+    out["ratio"] = round(out["eight_a_call"] / out["one_a_call"], 2)
+    return out
+
+
 def _state_errors(admin: int) -> float:
     """``gateway_state_errors_total{op="hit"}`` of a gateway: Redis calls that timed out."""
     with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as resp:
@@ -197,6 +240,7 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=10, help="seconds per 500 req/s run")
     parser.add_argument("--calls", type=int, default=3000, help="stage calls per case")
     parser.add_argument("--repeat", type=int, default=3, help="500 req/s runs per case")
+    parser.add_argument("--script", action="store_true", help="only part 3 (the script)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-rl-") as tmp:
         port = bu.free_port()
@@ -208,6 +252,10 @@ def main() -> None:
         try:
             bu.wait_port(port)
             url = f"redis://127.0.0.1:{port}"
+            script = uvloop.run(script_costs(url, args.calls))
+            print(json.dumps({"redis_cpu_us_per_request": script}, indent=2))
+            if args.script:
+                return
             stage = uvloop.run(stage_costs(url, args.calls))
             print(json.dumps({"stage": stage}, indent=2))
             rate = latency_at_rate(url, args.duration, args.repeat, Path(tmp))
@@ -218,6 +266,7 @@ def main() -> None:
         "nproc": len(__import__("os").sched_getaffinity(0)),
         "python": sys.version.split()[0],
         "stage_per_request": stage,
+        "redis_cpu_us_per_request": script,
         "gateway_at_500_rps": rate,
     }
     RESULTS.parent.mkdir(exist_ok=True)

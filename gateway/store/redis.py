@@ -1,8 +1,10 @@
 """The Redis store: redis://, rediss://, redis+sentinel:// and redis+cluster://.
 
-Every batch is one ``EVALSHA`` of :data:`gateway.store.script.LIMIT_SCRIPT` under one overall
-timeout (``state.timeout``), with no retries: the circuit breaker, not a retry loop, handles an
-outage. Every client error becomes a :class:`StoreError`.
+Every batch is decided by one ``EVALSHA`` of :data:`gateway.store.script.LIMIT_SCRIPT` under
+one overall timeout (``state.timeout``), with no retries: the circuit breaker, not a retry loop,
+handles an outage. Every client error becomes a :class:`StoreError`. With the lean client, the
+batches of one event-loop turn share that call (each decided as if alone, in order): under
+load that is several requests a call, and Redis' CPU a request falls with it.
 
 Clients: :mod:`gateway.store.resp` (lean, one pipelined connection) for a single Redis and for
 the master found through Sentinel (redis-py asks the sentinels); redis-py for Cluster, which
@@ -135,11 +137,18 @@ def connect(url: str, timeout: float, password: str | None = None) -> tuple[Clie
     raise ValueError(f"unsupported state url scheme {parts.scheme!r}")
 
 
-def _argv(mode: str, counters: Sequence[Counter], now: int | None) -> list[Any]:
-    args: list[Any] = [mode, "" if now is None else now]
-    for c in counters:
-        args += (c.limit, c.period_ms, c.amount, 1 if c.fixed else 0)
+def _argv(mode: str, groups: Sequence[Sequence[Counter]], now: int | None) -> list[Any]:
+    args: list[Any] = [mode, "" if now is None else now, len(groups)]
+    args += [len(g) for g in groups]
+    for counters in groups:
+        for c in counters:
+            args += (c.limit, c.period_ms, c.amount, 1 if c.fixed else 0)
     return args
+
+
+#: Requests one script call decides at most; the rest of a loop turn's go in the next call
+#: (pipelined on the same write). Bounds how long one call holds Redis' single thread.
+MAX_GROUPS = 32
 
 
 class RedisStore:
@@ -162,40 +171,87 @@ class RedisStore:
         self._sha = hashlib.sha1(LIMIT_SCRIPT.encode()).hexdigest()
         self.now = now
         """Fixed script time in ms, for tests; None uses Redis' clock."""
+        self._joining: list[tuple[Sequence[Counter], asyncio.Future[Verdict] | None]] | None
+        self._joining = None
 
     async def _eval(
-        self, mode: str, counters: Sequence[Counter], deadline: float | None = None
+        self, mode: str, groups: Sequence[Sequence[Counter]], deadline: float | None = None
     ) -> list[int]:
-        keys = [c.key for c in counters]
+        keys = [c.key for counters in groups for c in counters]
+        argv = _argv(mode, groups, self.now)
         if self.lean is not None:
-            argv = _argv(mode, counters, self.now)
             reply = await self.lean.evalsha(self._sha, LIMIT_SCRIPT, keys, argv, deadline)
         else:
-            reply = await self._script(keys=keys, args=_argv(mode, counters, self.now))
+            reply = await self._script(keys=keys, args=argv)
         return list(reply) if isinstance(reply, list) else [int(reply)]
 
-    async def _run(self, mode: str, groups: Sequence[Sequence[Counter]]) -> list[list[int]]:
-        """The script once per group (per hash slot), in parallel, under the timeout."""
+    async def _run(
+        self, mode: str, calls: Sequence[Sequence[Sequence[Counter]]]
+    ) -> list[list[int]]:
+        """The script once per call (per hash slot), in parallel, under the timeout."""
         try:
-            if self.lean is not None and len(groups) == 1:
+            if self.lean is not None and len(calls) == 1:
                 # the lean client keeps the deadline itself (cheaper than asyncio.timeout)
                 deadline = asyncio.get_running_loop().time() + self.timeout
-                return [await self._eval(mode, groups[0], deadline)]
+                return [await self._eval(mode, calls[0], deadline)]
             async with asyncio.timeout(self.timeout):
-                if len(groups) == 1:
-                    return [await self._eval(mode, groups[0])]
-                return list(await asyncio.gather(*(self._eval(mode, g) for g in groups)))
+                if len(calls) == 1:
+                    return [await self._eval(mode, calls[0])]
+                return list(await asyncio.gather(*(self._eval(mode, g) for g in calls)))
         except TimeoutError:
             raise StoreError("timeout") from None
         except Exception as exc:  # any client error: the stage applies state.on_error
             raise StoreError(type(exc).__name__) from None
 
+    async def _coalesced(self, counters: Sequence[Counter]) -> Verdict:
+        """Decide this batch in one script call with the other batches of this loop turn.
+
+        The first batch of a turn leads: it yields once, so that every request already
+        ready to run reaches this point and joins, then makes the call and hands each its
+        verdict. Each is decided as if alone, in the order they came (see the script)."""
+        if self._joining is not None:
+            waiter: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
+            self._joining.append((counters, waiter))
+            return await waiter
+        batch: list[tuple[Sequence[Counter], asyncio.Future[Verdict] | None]] = [(counters, None)]
+        self._joining = batch
+        try:
+            await asyncio.sleep(0)
+            self._joining = None
+            parts = [batch[at : at + MAX_GROUPS] for at in range(0, len(batch), MAX_GROUPS)]
+            replies = await self._run("hit", [[c for c, _ in part] for part in parts])
+        except BaseException as exc:
+            if self._joining is batch:
+                self._joining = None
+            # The others fail with the leader (a store error, or its task cancelled): none
+            # is left waiting.
+            why = str(exc) if isinstance(exc, StoreError) else "cancelled"
+            for _, fut in batch:
+                if fut is not None and not fut.done():
+                    fut.set_exception(StoreError(why))
+            raise
+        mine = None
+        for part, reply in zip(parts, replies, strict=True):
+            pos = 0
+            for group, fut in part:
+                end = pos + 2 + 2 * len(group)
+                verdict = _verdict(reply[pos:end])
+                pos = end
+                if fut is None:
+                    mine = verdict
+                elif not fut.done():
+                    fut.set_result(verdict)
+        assert mine is not None
+        return mine
+
     async def hit(self, counters: Sequence[Counter]) -> Verdict:
         """Admit the batch when every counter has room; one round trip."""
+        if self.lean is not None:
+            return await self._coalesced(counters)
         if not self.cluster:
-            return _verdict((await self._run("hit", [counters]))[0])
+            return _verdict((await self._run("hit", [[counters]]))[0])
         slots = _by_slot(counters)
-        replies = await self._run("hit", [group for _, group in slots])
+        replies = await self._run("hit", [[group] for _, group in slots])
         n = len(counters)
         remaining, reset = [0] * n, [0] * n
         refused: list[int] = []
@@ -224,7 +280,7 @@ class RedisStore:
     async def add(self, counters: Sequence[Counter]) -> None:
         """Add every amount unconditionally (settling; negative amounts refund)."""
         groups = [g for _, g in _by_slot(counters)] if self.cluster else [counters]
-        await self._run("add", groups)
+        await self._run("add", [[g] for g in groups])
 
     async def ping(self, within: float | None = None) -> None:
         """Raise :class:`StoreError` when Redis does not answer within the timeout (a longer

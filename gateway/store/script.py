@@ -1,4 +1,4 @@
-"""The Lua script that checks and counts a whole batch in Redis in one round trip.
+"""The Lua script that checks and counts many requests' batches in Redis in one round trip.
 
 It is :class:`gateway.store.memory.MemoryStore` in Lua (same windows, same integer
 arithmetic, same answers; a test runs both side by side). The clock is Redis' own ``TIME``,
@@ -11,10 +11,18 @@ one minute after the window's end for a fixed one; later writes in the same wind
 counter (as in memory). Integer division is done with ``math.fmod`` so it stays exact in
 Lua's doubles below 2^53.
 
-``KEYS``: one per counter. ``ARGV``: ``mode`` (``hit`` or ``add``), ``now`` in ms (empty:
-``TIME``), then per counter ``limit, period_ms, amount, fixed(0|1)``. ``hit`` returns
-``{admitted, failed index (1-based, 0 = none), remaining1, reset_ms1, ...}``; ``add`` adds
-every amount unconditionally (negative: a refund) and returns 1.
+One call carries several *groups*, each the batch of one request, decided in order as if
+each were its own call (a group sees what the groups before it counted). A key is read once
+and written once a call, however many groups touch it: under load most requests of a loop
+turn share their ip, user and route keys, and Redis' Lua interpreter, not the counting, is
+what each call costs (``python -m bench.ratelimit --script``).
+
+``KEYS``: one per counter, the groups' counters one after the other. ``ARGV``: ``mode``
+(``hit`` or ``add``), ``now`` in ms (empty: ``TIME``), the number of groups, each group's
+number of counters, then per counter ``limit, period_ms, amount, fixed(0|1)``. ``hit``
+returns, per group, ``admitted, failed index (1-based, 0 = none), remaining1, reset_ms1,
+...`` one group after the other; ``add`` adds every amount unconditionally (negative: a
+refund) and returns 1.
 """
 
 from __future__ import annotations
@@ -35,87 +43,106 @@ if not now then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + fdiv(tonumber(t[2]), 1000)
 end
-local n = #KEYS
-local lim, per, amt, fix, win, ela, cur, prv = {}, {}, {}, {}, {}, {}, {}, {}
-local at, first, dirty, rolled = {}, {}, {}, {}
-for i = 1, n do
-  local b = 2 + (i - 1) * 4
-  lim[i] = tonumber(ARGV[b + 1])
-  per[i] = tonumber(ARGV[b + 2])
-  amt[i] = tonumber(ARGV[b + 3])
-  fix[i] = ARGV[b + 4] == '1'
-  ela[i] = math.fmod(now, per[i])
-  win[i] = (now - ela[i]) / per[i]
-  at[i] = first[KEYS[i]] or i
-  if at[i] == i then
-    first[KEYS[i]] = i
-    local s = redis.call('HMGET', KEYS[i], 'w', 'c', 'p')
-    local w, c, p = tonumber(s[1]), tonumber(s[2]) or 0, tonumber(s[3]) or 0
-    if w ~= win[i] then
-      if w == win[i] - 1 and not fix[i] then p = c else p = 0 end
-      c = 0
-      rolled[i] = true
-    end
-    cur[i], prv[i] = c, p
-  end
-end
-local function weighted(i)
-  local a = at[i]
-  if fix[i] then return cur[a] end
-  return fdiv(prv[a] * (per[i] - ela[i]), per[i]) + cur[a]
-end
-local failed = 0
-if mode == 'hit' then
+local groups = tonumber(ARGV[3])
+-- state of each key read so far: window, current, previous, rolled, dirty
+local sw, sc, sp, rolled, dirty, spec = {}, {}, {}, {}, {}, {}
+local order = {}
+local out = {}
+local k = 0
+local b = 3 + groups
+for g = 1, groups do
+  local n = tonumber(ARGV[3 + g])
+  local lim, per, amt, fix, ela, key = {}, {}, {}, {}, {}, {}
+  local c0, p0 = {}, {}
   for i = 1, n do
-    if weighted(i) + amt[i] > lim[i] then
-      failed = i
-      break
-    end
-  end
-end
-if failed == 0 then
-  for i = 1, n do
-    if amt[i] ~= 0 then
-      local a = at[i]
-      local c, p = cur[a] + amt[i], prv[a]
-      if c < 0 then
-        p = math.max(0, p + c)
+    k = k + 1
+    local name = KEYS[k]
+    key[i] = name
+    lim[i] = tonumber(ARGV[b + 1])
+    per[i] = tonumber(ARGV[b + 2])
+    amt[i] = tonumber(ARGV[b + 3])
+    fix[i] = ARGV[b + 4] == '1'
+    b = b + 4
+    ela[i] = math.fmod(now, per[i])
+    if sw[name] == nil then
+      local win = (now - ela[i]) / per[i]
+      local s = redis.call('HMGET', name, 'w', 'c', 'p')
+      local w, c, p = tonumber(s[1]), tonumber(s[2]) or 0, tonumber(s[3]) or 0
+      if w ~= win then
+        if w == win - 1 and not fix[i] then p = c else p = 0 end
         c = 0
+        rolled[name] = true
       end
-      cur[a], prv[a], dirty[a] = c, p, true
+      sw[name], sc[name], sp[name] = win, c, p
+      spec[name] = {per[i], ela[i], fix[i]}
+      order[#order + 1] = name
+    end
+    -- the group's checks all see the state before the group (a key twice is one counter)
+    c0[i], p0[i] = sc[name], sp[name]
+  end
+  local failed = 0
+  if mode == 'hit' then
+    for i = 1, n do
+      local w = c0[i]
+      if not fix[i] then w = fdiv(p0[i] * (per[i] - ela[i]), per[i]) + c0[i] end
+      if w + amt[i] > lim[i] then
+        failed = i
+        break
+      end
     end
   end
-  for i = 1, n do
-    if dirty[i] then
-      redis.call('HSET', KEYS[i], 'w', win[i], 'c', cur[i], 'p', prv[i])
-      if not rolled[i] then
-        -- same window as the stored one: its expiry, set when the window began, still holds
-      elseif fix[i] then
-        redis.call('PEXPIRE', KEYS[i], per[i] - ela[i] + 60000)
+  if failed == 0 then
+    for i = 1, n do
+      if amt[i] ~= 0 then
+        local name = key[i]
+        local c, p = sc[name] + amt[i], sp[name]
+        if c < 0 then
+          p = math.max(0, p + c)
+          c = 0
+        end
+        sc[name], sp[name], dirty[name] = c, p, true
+      end
+    end
+  end
+  if mode == 'hit' then
+    out[#out + 1] = failed == 0 and 1 or 0
+    out[#out + 1] = failed
+    for i = 1, n do
+      local name = key[i]
+      local c, p = sc[name], sp[name]
+      local w = c
+      if not fix[i] then w = fdiv(p * (per[i] - ela[i]), per[i]) + c end
+      local left = lim[i] - w
+      local need = 1
+      if i == failed then need = amt[i] end
+      out[#out + 1] = math.max(0, left)
+      local reset = per[i] - ela[i]
+      if not fix[i] and left < need then
+        local room = lim[i] - need - c
+        if room >= 0 then
+          if p > room then reset = math.max(0, first_fit(per[i], p, room) - ela[i])
+          else reset = 0 end
+        elseif lim[i] - need >= 0 and c > lim[i] - need then
+          reset = reset + first_fit(per[i], c, lim[i] - need)
+        end
+      end
+      out[#out + 1] = reset
+    end
+  end
+end
+for _, name in ipairs(order) do
+  if dirty[name] then
+    redis.call('HSET', name, 'w', sw[name], 'c', sc[name], 'p', sp[name])
+    if rolled[name] then
+      local s = spec[name]
+      if s[3] then
+        redis.call('PEXPIRE', name, s[1] - s[2] + 60000)
       else
-        redis.call('PEXPIRE', KEYS[i], 2 * per[i])
+        redis.call('PEXPIRE', name, 2 * s[1])
       end
     end
   end
 end
 if mode ~= 'hit' then return 1 end
-local out = {failed == 0 and 1 or 0, failed}
-for i = 1, n do
-  local left = lim[i] - weighted(i)
-  local need = 1
-  if i == failed then need = amt[i] end
-  out[#out + 1] = math.max(0, left)
-  local reset, c, p = per[i] - ela[i], cur[at[i]], prv[at[i]]
-  if not fix[i] and left < need then
-    local room = lim[i] - need - c
-    if room >= 0 then
-      if p > room then reset = math.max(0, first_fit(per[i], p, room) - ela[i])
-      else reset = 0 end
-    elseif lim[i] - need >= 0 and c > lim[i] - need then
-      reset = reset + first_fit(per[i], c, lim[i] - need)
-    end
-  end
-  out[#out + 1] = reset
-end
 return out
 """

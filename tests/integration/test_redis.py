@@ -13,7 +13,7 @@ import redis
 
 from gateway.store.base import Counter, Verdict
 from gateway.store.memory import MemoryStore
-from gateway.store.redis import RedisStore
+from gateway.store.redis import MAX_GROUPS, RedisStore
 from tests.integration.test_ratelimit import ENV, chat, token
 from tests.procs import Gateway, MockLLM
 from tests.redis_procs import RedisServer, redis_server
@@ -61,6 +61,46 @@ async def same_as_memory(url: str, tag: str, steps: int = 400) -> None:
 
 def test_script_gives_the_memory_store_answers(redis_server: RedisServer) -> None:
     asyncio.run(same_as_memory(redis_server.url, "eq"))
+
+
+def test_batches_of_one_loop_turn_share_a_call_with_sequential_answers(
+    redis_server: RedisServer,
+) -> None:
+    """Concurrent requests' batches go in one script call (up to MAX_GROUPS a call), and
+    each gets the answer it would have got alone, in the order they came."""
+    calls_before = _evalsha_calls(redis_server)
+
+    async def run() -> int:
+        rs, ms = RedisStore(redis_server.url, 1.0), MemoryStore()
+        rnd = random.Random("turns")
+        now, calls = T0, 0
+        try:
+            await rs.ping()
+            for _ in range(60):
+                now += rnd.choice([1, 60, 999, 2500])
+                rs.now = now
+                batches = []
+                for _ in range(rnd.choice([1, 2, 5, 31, 32, 33, 70])):
+                    batch = []
+                    for k in range(rnd.randint(1, 4)):
+                        period = rnd.choice([1000, 60_000])
+                        fixed = rnd.random() < 0.15
+                        key = f"turn:{{s{k % 3}}}:{period}:{fixed}"
+                        limit, amount = rnd.choice([3, 10, 50]), rnd.choice([1, 1, 2, 5])
+                        batch.append(Counter(key, limit, period, amount, fixed))
+                    batches.append(batch)
+                theirs = await asyncio.gather(*(rs.hit(b) for b in batches))
+                ours = [ms.hit_now(b, now) for b in batches]
+                assert [(v.allowed, v.failed, v.remaining, v.reset_ms) for v in theirs] == [
+                    (v.allowed, v.failed, v.remaining, v.reset_ms) for v in ours
+                ]
+                calls += -(-len(batches) // MAX_GROUPS)
+        finally:
+            await rs.close()
+        return calls
+
+    expected = asyncio.run(run())
+    assert _evalsha_calls(redis_server) - calls_before == expected
 
 
 def test_expiry_is_set_by_the_first_write_of_a_window(redis_server: RedisServer) -> None:

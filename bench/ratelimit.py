@@ -19,7 +19,10 @@ Part 3 (``--script`` runs only this part) is Redis' own CPU a request for the li
 (``INFO commandstats``: EVALSHA µs / requests) with the four counters of ``bench.speed``'s
 full chain (ip, tier, tokens, budget), the requests of a loop turn grouped into one call
 (8 at a time through ``RedisStore.hit``, as under load) against one call each (the
-baseline, same run), best of three rounds.
+baseline, same run), best of three rounds. ``--script --callgrind`` counts instructions
+instead, with ``redis-server`` under valgrind's callgrind (the difference between 50 and 250
+calls, so start-up cancels out): the same on every run, whatever else the machine does
+(needs ``valgrind``, a Debian package).
 
 Results: stdout and ``bench/results/ratelimit.json``.
 """
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import subprocess
@@ -39,6 +43,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import redis as redis_py
 import uvloop
 from limits import parse_many
 from limits.aio.storage import RedisStorage
@@ -51,6 +56,7 @@ from gateway.policy import load_policy_text
 from gateway.stages.ratelimit import build_ratelimit_stages
 from gateway.store.base import Counter
 from gateway.store.redis import RedisStore
+from gateway.store.script import LIMIT_SCRIPT
 from gateway.telemetry import metrics
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ratelimit.json"
@@ -178,6 +184,46 @@ async def script_costs(redis_url: str, calls: int) -> dict[str, float]:
     return out
 
 
+def _instructions(script: str, together: int, calls: int, workdir: Path) -> int:
+    """Instructions redis-server runs in all, with ``calls`` script calls of ``together``
+    requests' batches each (the four counters of ``script_costs``)."""
+    port = bu.free_port()
+    out = workdir / f"callgrind.{port}"
+    proc = subprocess.Popen(
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "redis-server",
+         "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    bu.wait_port(port, timeout=60)
+    keys = ["b:{ip:192.0.2.1}:*:r60000", "b:{u:bench}:*:r60000", "b:{u:bench}:*:t86400000"]
+    keys.append("b:{u:bench}:*:b")
+    spec = [10**12, 60_000, 1, 0, 10**12, 60_000, 1, 0]
+    spec += [10**15, 86_400_000, 300, 0, 10**15, 86_400_000, 50, 1]
+    argv = ["hit", "", together, *([len(keys)] * together), *(spec * together)]
+    client = redis_py.Redis(port=port)
+    sha = client.script_load(script)
+    pipe = client.pipeline(transaction=False)
+    for _ in range(calls):
+        pipe.evalsha(sha, len(keys) * together, *(keys * together), *argv)
+    pipe.execute()
+    with contextlib.suppress(redis_py.ConnectionError):
+        client.shutdown(nosave=True)
+    err = proc.communicate(timeout=120)[1]
+    return int(err.split("Collected : ")[1].split()[0])
+
+
+def script_instructions(workdir: Path) -> dict[str, float]:
+    """Instructions a request in Redis for the limit script, one request a call vs 8."""
+    out: dict[str, float] = {}
+    for name, together in (("one_a_call", 1), ("eight_a_call", 8)):
+        few = _instructions(LIMIT_SCRIPT, together, 50, workdir)
+        many = _instructions(LIMIT_SCRIPT, together, 250, workdir)
+        out[name] = round((many - few) / (200 * together))
+    out["ratio"] = round(out["eight_a_call"] / out["one_a_call"], 2)
+    return out
+
+
 def _state_errors(admin: int) -> float:
     """``gateway_state_errors_total{op="hit"}`` of a gateway: Redis calls that timed out."""
     with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as resp:
@@ -241,7 +287,15 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=3000, help="stage calls per case")
     parser.add_argument("--repeat", type=int, default=3, help="500 req/s runs per case")
     parser.add_argument("--script", action="store_true", help="only part 3 (the script)")
+    parser.add_argument(
+        "--callgrind", action="store_true", help="with --script: count instructions (valgrind)"
+    )
     args = parser.parse_args()
+    if args.script and args.callgrind:
+        with tempfile.TemporaryDirectory(prefix="bench-rl-") as tmp:
+            counts = script_instructions(Path(tmp))
+        print(json.dumps({"redis_instructions_per_request": counts}, indent=2))
+        return
     with tempfile.TemporaryDirectory(prefix="bench-rl-") as tmp:
         port = bu.free_port()
         redis = subprocess.Popen(

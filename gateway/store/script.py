@@ -44,57 +44,76 @@ if not now then
   now = tonumber(t[1]) * 1000 + fdiv(tonumber(t[2]), 1000)
 end
 local groups = tonumber(ARGV[3])
--- state of each key read so far: window, current, previous, rolled, dirty
-local sw, sc, sp, rolled, dirty, spec = {}, {}, {}, {}, {}, {}
+-- per key, as read and as counted so far: window, current, previous; rolled, dirty, spec
+local sw, sc, sp, rolled, dirty, sper, sela, sfix = {}, {}, {}, {}, {}, {}, {}, {}
 local order = {}
+-- the groups repeat the same few numbers, and tonumber (strtod) is a good part of a call:
+-- each string is converted once a call
+local num = {}
+-- per counter (index k over the whole call)
+local lim, per, amt, fix, ela, c0, p0 = {}, {}, {}, {}, {}, {}, {}
+local elapsed = {}  -- ms into the current window, per period
 local out = {}
 local k = 0
 local b = 3 + groups
 for g = 1, groups do
   local n = tonumber(ARGV[3 + g])
-  local lim, per, amt, fix, ela, key = {}, {}, {}, {}, {}, {}
-  local c0, p0 = {}, {}
-  for i = 1, n do
-    k = k + 1
-    local name = KEYS[k]
-    key[i] = name
-    lim[i] = tonumber(ARGV[b + 1])
-    per[i] = tonumber(ARGV[b + 2])
-    amt[i] = tonumber(ARGV[b + 3])
-    fix[i] = ARGV[b + 4] == '1'
+  local first = k + 1
+  for i = first, first + n - 1 do
+    local name = KEYS[i]
+    local x = ARGV[b + 1]
+    local v = num[x]
+    if v == nil then v = tonumber(x) num[x] = v end
+    lim[i] = v
+    x = ARGV[b + 2]
+    local pd = num[x]
+    if pd == nil then pd = tonumber(x) num[x] = pd end
+    per[i] = pd
+    x = ARGV[b + 3]
+    v = num[x]
+    if v == nil then v = tonumber(x) num[x] = v end
+    amt[i] = v
+    local fx = ARGV[b + 4] == '1'
+    fix[i] = fx
     b = b + 4
-    ela[i] = math.fmod(now, per[i])
+    local e = elapsed[pd]
+    if not e then
+      e = math.fmod(now, pd)
+      elapsed[pd] = e
+    end
+    ela[i] = e
     if sw[name] == nil then
-      local win = (now - ela[i]) / per[i]
+      local win = (now - e) / pd
       local s = redis.call('HMGET', name, 'w', 'c', 'p')
       local w, c, p = tonumber(s[1]), tonumber(s[2]) or 0, tonumber(s[3]) or 0
       if w ~= win then
-        if w == win - 1 and not fix[i] then p = c else p = 0 end
+        if w == win - 1 and not fx then p = c else p = 0 end
         c = 0
         rolled[name] = true
       end
       sw[name], sc[name], sp[name] = win, c, p
-      spec[name] = {per[i], ela[i], fix[i]}
+      sper[name], sela[name], sfix[name] = pd, e, fx
       order[#order + 1] = name
     end
     -- the group's checks all see the state before the group (a key twice is one counter)
     c0[i], p0[i] = sc[name], sp[name]
   end
+  k = first + n - 1
   local failed = 0
   if mode == 'hit' then
-    for i = 1, n do
+    for i = first, k do
       local w = c0[i]
-      if not fix[i] then w = fdiv(p0[i] * (per[i] - ela[i]), per[i]) + c0[i] end
+      if not fix[i] then w = fdiv(p0[i] * (per[i] - ela[i]), per[i]) + w end
       if w + amt[i] > lim[i] then
-        failed = i
+        failed = i - first + 1
         break
       end
     end
   end
   if failed == 0 then
-    for i = 1, n do
+    for i = first, k do
       if amt[i] ~= 0 then
-        local name = key[i]
+        local name = KEYS[i]
         local c, p = sc[name] + amt[i], sp[name]
         if c < 0 then
           p = math.max(0, p + c)
@@ -107,14 +126,14 @@ for g = 1, groups do
   if mode == 'hit' then
     out[#out + 1] = failed == 0 and 1 or 0
     out[#out + 1] = failed
-    for i = 1, n do
-      local name = key[i]
+    for i = first, k do
+      local name = KEYS[i]
       local c, p = sc[name], sp[name]
       local w = c
       if not fix[i] then w = fdiv(p * (per[i] - ela[i]), per[i]) + c end
       local left = lim[i] - w
       local need = 1
-      if i == failed then need = amt[i] end
+      if i - first + 1 == failed then need = amt[i] end
       out[#out + 1] = math.max(0, left)
       local reset = per[i] - ela[i]
       if not fix[i] and left < need then
@@ -134,11 +153,10 @@ for _, name in ipairs(order) do
   if dirty[name] then
     redis.call('HSET', name, 'w', sw[name], 'c', sc[name], 'p', sp[name])
     if rolled[name] then
-      local s = spec[name]
-      if s[3] then
-        redis.call('PEXPIRE', name, s[1] - s[2] + 60000)
+      if sfix[name] then
+        redis.call('PEXPIRE', name, sper[name] - sela[name] + 60000)
       else
-        redis.call('PEXPIRE', name, 2 * s[1])
+        redis.call('PEXPIRE', name, 2 * sper[name])
       end
     end
   end

@@ -151,6 +151,18 @@ def _argv(mode: str, groups: Sequence[Sequence[Counter]], now: int | None) -> li
 MAX_GROUPS = 32
 
 
+class _Call:
+    """The batches one script call will decide, its opener's first."""
+
+    __slots__ = ("groups", "sealed", "waiters")
+
+    def __init__(self, counters: Sequence[Counter]) -> None:
+        self.groups: list[Sequence[Counter]] = [counters]
+        self.waiters: list[asyncio.Future[Verdict] | None] = [None]
+        self.sealed = False
+        """Written out: later batches open a new call."""
+
+
 class RedisStore:
     """Counters in Redis (see :mod:`gateway.store.base` for the algorithm)."""
 
@@ -171,8 +183,8 @@ class RedisStore:
         self._sha = hashlib.sha1(LIMIT_SCRIPT.encode()).hexdigest()
         self.now = now
         """Fixed script time in ms, for tests; None uses Redis' clock."""
-        self._joining: list[tuple[Sequence[Counter], asyncio.Future[Verdict] | None]] | None
-        self._joining = None
+        self._open: _Call | None = None
+        """The script call that the next batches of this loop turn join."""
 
     async def _eval(
         self, mode: str, groups: Sequence[Sequence[Counter]], deadline: float | None = None
@@ -206,41 +218,54 @@ class RedisStore:
     async def _coalesced(self, counters: Sequence[Counter]) -> Verdict:
         """Decide this batch in one script call with the other batches of this loop turn.
 
-        The first batch of a turn leads: it yields once, so that every request already
-        ready to run reaches this point and joins, then makes the call and hands each its
-        verdict. Each is decided as if alone, in the order they came (see the script)."""
-        if self._joining is not None:
-            waiter: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
-            self._joining.append((counters, waiter))
+        The first batch of a turn opens a call; the next ones join it until the lean client
+        writes it out with the turn's other commands (so nobody waits longer than alone),
+        or until it holds :data:`MAX_GROUPS`. Each is decided as if alone, in the order they
+        came (see the script); the opener hands each its verdict."""
+        assert self.lean is not None
+        loop = asyncio.get_running_loop()
+        call = self._open
+        if call is not None and not call.sealed and len(call.groups) < MAX_GROUPS:
+            waiter: asyncio.Future[Verdict] = loop.create_future()
+            call.groups.append(counters)
+            call.waiters.append(waiter)
             return await waiter
-        batch: list[tuple[Sequence[Counter], asyncio.Future[Verdict] | None]] = [(counters, None)]
-        self._joining = batch
+        call = self._open = _Call(counters)
+        now = self.now
+
+        def build() -> tuple[list[str], list[Any]]:
+            call.sealed = True
+            groups = call.groups
+            return [c.key for g in groups for c in g], _argv("hit", groups, now)
+
         try:
-            await asyncio.sleep(0)
-            self._joining = None
-            parts = [batch[at : at + MAX_GROUPS] for at in range(0, len(batch), MAX_GROUPS)]
-            replies = await self._run("hit", [[c for c, _ in part] for part in parts])
+            try:
+                deadline = loop.time() + self.timeout
+                reply = await self.lean.evalsha_built(self._sha, LIMIT_SCRIPT, build, deadline)
+            except TimeoutError:
+                raise StoreError("timeout") from None
+            except Exception as exc:
+                raise StoreError(type(exc).__name__) from None
         except BaseException as exc:
-            if self._joining is batch:
-                self._joining = None
-            # The others fail with the leader (a store error, or its task cancelled): none
+            # The others fail with the opener (a store error, or its task cancelled): none
             # is left waiting.
             why = str(exc) if isinstance(exc, StoreError) else "cancelled"
-            for _, fut in batch:
-                if fut is not None and not fut.done():
-                    fut.set_exception(StoreError(why))
+            for other in call.waiters[1:]:
+                if other is not None and not other.done():
+                    other.set_exception(StoreError(why))
             raise
-        mine = None
-        for part, reply in zip(parts, replies, strict=True):
-            pos = 0
-            for group, fut in part:
-                end = pos + 2 + 2 * len(group)
-                verdict = _verdict(reply[pos:end])
-                pos = end
-                if fut is None:
-                    mine = verdict
-                elif not fut.done():
-                    fut.set_result(verdict)
+        finally:
+            if self._open is call:
+                self._open = None
+        pos, mine = 0, None
+        for group, joined in zip(call.groups, call.waiters, strict=True):
+            end = pos + 2 + 2 * len(group)
+            verdict = _verdict(reply[pos:end])
+            pos = end
+            if joined is None:
+                mine = verdict
+            elif not joined.done():
+                joined.set_result(verdict)
         assert mine is not None
         return mine
 

@@ -16,13 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import hiredis
 
+log = logging.getLogger("gateway.state")
+
 Arg = bytes | str | int
+Command = bytes | Callable[[], bytes]
+"""A packed command, or what packs it when it is written."""
 Resolver = Callable[[], Awaitable[tuple[str, int]]]
 
 #: Calls waiting on one connection beyond which it is presumed stuck and dropped.
@@ -50,7 +55,7 @@ class _Connection(asyncio.Protocol):
         self.waiters: collections.deque[asyncio.Future[Any]] = collections.deque()
         self.transport: asyncio.WriteTransport | None = None
         self.closed = False
-        self._buf: list[bytes] = []
+        self._buf: list[Command] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -83,8 +88,9 @@ class _Connection(asyncio.Protocol):
             if not fut.done():
                 fut.set_exception(ConnectionError("redis connection lost"))
 
-    def send(self, data: bytes) -> asyncio.Future[Any]:
-        """Queue a command; it goes out with the others of this loop turn, in order."""
+    def send(self, data: Command) -> asyncio.Future[Any]:
+        """Queue a command; it goes out with the others of this loop turn, in order. A
+        callable is called for its bytes only then (a batch can grow until its turn ends)."""
         fut = self.loop.create_future()
         self.waiters.append(fut)
         if not self._buf:
@@ -97,7 +103,13 @@ class _Connection(asyncio.Protocol):
     def _flush(self) -> None:
         data, self._buf = self._buf, []
         if self.transport is not None and not self.closed:
-            self.transport.write(data[0] if len(data) == 1 else b"".join(data))
+            try:
+                out = [d if isinstance(d, bytes) else d() for d in data]
+            except Exception:
+                log.exception("a Redis command could not be built; connection dropped")
+                self.abort()  # fail its callers rather than leave them waiting
+                return
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def abort(self) -> None:
         """Drop the connection and fail whoever waits on it."""
@@ -177,6 +189,9 @@ class LeanRedis:
     async def call(self, *args: Arg, deadline: float | None = None) -> Any:
         """Send one command and wait for its reply; raises RespError or ConnectionError, and
         TimeoutError once the loop's clock passes ``deadline`` (connecting included)."""
+        return await self._call(pack(args), deadline)
+
+    async def _call(self, command: Command, deadline: float | None) -> Any:
         conn = self._conn
         if conn is None or conn.closed:
             if deadline is None:
@@ -184,7 +199,7 @@ class LeanRedis:
             else:
                 async with asyncio.timeout_at(deadline):
                     conn = await self._connection()
-        fut = conn.send(pack(args))
+        fut = conn.send(command)
         # A timer on the reply, not asyncio.timeout: that one costs ~8 µs a call in task
         # cancellation machinery; a late reply is still read and dropped, keeping the order.
         timer = conn.loop.call_at(deadline, _expire, fut) if deadline is not None else None
@@ -207,12 +222,34 @@ class LeanRedis:
         deadline: float | None = None,
     ) -> Any:
         """Run a script by its hash, loading it (``EVAL``) when Redis does not have it."""
+        return await self.evalsha_built(sha, script, lambda: (keys, args), deadline)
+
+    async def evalsha_built(
+        self,
+        sha: str,
+        script: str,
+        build: Callable[[], tuple[Sequence[str], Sequence[Arg]]],
+        deadline: float | None = None,
+    ) -> Any:
+        """:meth:`evalsha` with the keys and arguments from ``build``, called once, when the
+        command is written: until then the caller may still add to what it will return."""
+        built: list[tuple[Sequence[str], Sequence[Arg]]] = []
+
+        def command(name: bytes, body: str) -> Callable[[], bytes]:
+            def packed() -> bytes:
+                if not built:
+                    built.append(build())
+                keys, args = built[0]
+                return pack([name, body, len(keys), *keys, *args])
+
+            return packed
+
         try:
-            return await self.call(b"EVALSHA", sha, len(keys), *keys, *args, deadline=deadline)
+            return await self._call(command(b"EVALSHA", sha), deadline)
         except RespError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
-        return await self.call(b"EVAL", script, len(keys), *keys, *args, deadline=deadline)
+        return await self._call(command(b"EVAL", script), deadline)
 
     async def ping(self) -> None:
         """Round trip to Redis."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -11,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import redis
 
-from gateway.store.base import Counter, Verdict
+from gateway.store.base import Counter, StoreError, Verdict
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import MAX_GROUPS, RedisStore
 from tests.integration.test_ratelimit import ENV, chat, token
@@ -101,6 +102,25 @@ def test_batches_of_one_loop_turn_share_a_call_with_sequential_answers(
 
     expected = asyncio.run(run())
     assert _evalsha_calls(redis_server) - calls_before == expected
+
+
+def test_batches_sharing_a_call_all_fail_with_it() -> None:
+    """When the shared call fails (nothing listens), every batch that joined it gets a
+    StoreError; none is left waiting."""
+
+    async def run() -> list[BaseException | Verdict]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]  # closed again: connections are refused
+        rs = RedisStore(f"redis://127.0.0.1:{port}", 0.5)
+        try:
+            hits = (rs.hit([Counter(f"down:{{s{i}}}", 5, 1000)]) for i in range(5))
+            return await asyncio.wait_for(asyncio.gather(*hits, return_exceptions=True), 5)
+        finally:
+            await rs.close()
+
+    outcomes = asyncio.run(run())
+    assert len(outcomes) == 5 and all(isinstance(o, StoreError) for o in outcomes), outcomes
 
 
 def test_expiry_is_set_by_the_first_write_of_a_window(redis_server: RedisServer) -> None:

@@ -46,7 +46,8 @@ MAX_REQUEST_LINE = 8192
 #: connection is refused even though no callback has seen a complete oversized header yet.
 _HEAD_SLACK = MAX_REQUEST_LINE + 1024
 #: After an early answer (413, 408), how much of the unread body is discarded, for how long,
-#: before the connection is closed.
+#: before the connection is closed; an answer that kept the connection reads and drops a
+#: rest of the body up to this size, and keeps the connection.
 LINGER_BYTES = 1024 * 1024
 LINGER_SECONDS = 2.0
 #: How long a connection over ``max_connections`` may take to send anything before it is
@@ -118,6 +119,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_wait = False
         self._body_last = 0.0
+        self._body_seen = 0  # body bytes of the current request so far
         self._body_timer: asyncio.TimerHandle | None = None
 
     # -- connection ----------------------------------------------------------------------
@@ -231,15 +233,31 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         self._body_wait = True
         self._body_last = self.loop.time()
+        self._body_seen = 0
 
     def on_body(self, body: bytes) -> None:
         """Body bytes arrived: the client is alive. Once the answer is complete (an early
-        413 or 408), the rest of the body is not read: lingering close."""
+        413, 401, 429...), the rest of the body is dropped: read, while the answer kept the
+        connection and what is left is small; else the connection is closed (lingering)."""
         self._body_last = self.loop.time()
-        if self.cycle is not None and self.cycle.response_complete and not self._lingering:
-            self._linger()
+        seen = self._body_seen
+        self._body_seen = seen + len(body)
+        cycle = self.cycle
+        if cycle is not None and cycle.response_complete and not self._lingering:
+            # The answer did not say "connection: close", so the client may already be
+            # sending its next request on this connection: closing would lose it.
+            declared = self._declared_length()
+            if not (cycle.keep_alive and declared is not None and declared - seen <= LINGER_BYTES):
+                self._linger()
             return
         super().on_body(body)
+
+    def _declared_length(self) -> int | None:
+        """The request's Content-Length; None when it has none (chunked)."""
+        for name, value in self.headers:
+            if name == b"content-length":
+                return int(value)  # llhttp accepted it: digits, no duplicates
+        return None
 
     def on_message_complete(self) -> None:
         """The whole request is in."""

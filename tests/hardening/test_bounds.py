@@ -223,6 +223,24 @@ def test_oversized_stream_is_cut_at_the_limit(
     assert httpx.get(f"{gw.url}/echo/x").status_code == 200
 
 
+def test_an_early_answer_keeps_the_connection_it_did_not_close(
+    start_gateway: StartGateway, mock_llm: MockLLM
+) -> None:
+    """A 413 sent before the body arrived does not say ``connection: close``, so the client
+    may send its next request on the connection: the rest of a small body is read and
+    dropped and that request is answered (closing instead lost it: a RemoteProtocolError
+    under load)."""
+    gw = start_gateway(policy(max_body_bytes=100), mock_llm.url)
+    with connect(gw) as s:
+        s.sendall(b"POST /echo/x HTTP/1.1\r\nHost: x\r\nContent-Length: 600\r\n\r\n")
+        first = read_one(s)
+        assert first.startswith(b"HTTP/1.1 413 ") and b"connection: close" not in first.lower()
+        time.sleep(0.1)  # the answer is out before the body arrives
+        s.sendall(b"a" * 600)
+        s.sendall(b"GET /echo/y HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_one(s).startswith(b"HTTP/1.1 200 ")
+
+
 def test_a_stalled_small_body_never_reaches_the_upstream(start_gateway: StartGateway) -> None:
     # Bodies up to 64 KiB with a Content-Length are read whole first: a slow client holds no
     # upstream connection (a slow-body attack is not amplified onto the service).

@@ -97,12 +97,13 @@ def test_two_workers_share_ports_limits_and_metrics(
         # A worker that dies is replaced; its counts stay in the sums.
         victim = min(worker_pids(gw))
         os.kill(victim, signal.SIGKILL)
+        # One listing per check: with two, the first could still show the victim (not yet
+        # reaped) and the second neither it nor its replacement (not yet started).
         deadline = time.monotonic() + 20
-        while (len(worker_pids(gw)) < 2 or victim in worker_pids(gw)) and (
-            time.monotonic() < deadline
-        ):
-            time.sleep(0.1)
         pids = worker_pids(gw)
+        while (len(pids) < 2 or victim in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            pids = worker_pids(gw)
         assert len(pids) == 2 and victim not in pids, gw.log()
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:  # until the new worker listens too

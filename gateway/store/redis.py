@@ -210,10 +210,8 @@ class RedisStore:
                 if len(calls) == 1:
                     return [await self._eval(mode, calls[0])]
                 return list(await asyncio.gather(*(self._eval(mode, g) for g in calls)))
-        except TimeoutError:
-            raise StoreError("timeout") from None
         except Exception as exc:  # any client error: the stage applies state.on_error
-            raise StoreError(type(exc).__name__) from None
+            raise _store_error(exc) from None
 
     async def _coalesced(self, counters: Sequence[Counter]) -> Verdict:
         """Decide this batch in one script call with the other batches of this loop turn.
@@ -242,10 +240,8 @@ class RedisStore:
             try:
                 deadline = loop.time() + self.timeout
                 reply = await self.lean.evalsha_built(self._sha, LIMIT_SCRIPT, build, deadline)
-            except TimeoutError:
-                raise StoreError("timeout") from None
             except Exception as exc:
-                raise StoreError(type(exc).__name__) from None
+                raise _store_error(exc) from None
         except BaseException as exc:
             # The others fail with the opener (a store error, or its task cancelled): none
             # is left waiting.
@@ -317,10 +313,8 @@ class RedisStore:
                 else:
                     assert self.client is not None
                     await self.client.ping()
-        except TimeoutError:
-            raise StoreError("timeout") from None
         except Exception as exc:
-            raise StoreError(type(exc).__name__) from None
+            raise _store_error(exc) from None
 
     async def close(self) -> None:
         """Close the connections (and the sentinels' connections)."""
@@ -331,6 +325,11 @@ class RedisStore:
         if isinstance(self._extra, Sentinel):
             for s in self._extra.sentinels:
                 await s.aclose()
+
+
+def _store_error(exc: Exception) -> StoreError:
+    """What a client error is called in metrics and logs (never the client's own text)."""
+    return StoreError("timeout" if isinstance(exc, TimeoutError) else type(exc).__name__)
 
 
 def _verdict(reply: list[int]) -> Verdict:

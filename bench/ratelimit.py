@@ -21,7 +21,7 @@ full chain (ip, tier, tokens, budget), the requests of a loop turn grouped into 
 (8 at a time through ``RedisStore.hit``, as under load) against one call each (the
 baseline, same run), best of three rounds. ``--script --callgrind`` counts instructions
 instead, with ``redis-server`` under valgrind's callgrind (the difference between 50 and 250
-calls, so start-up cancels out): the same on every run, whatever else the machine does
+calls, so start-up cancels out): within ~0.5% from run to run, whatever else the machine does
 (needs ``valgrind``, a Debian package).
 
 Results: stdout and ``bench/results/ratelimit.json``.
@@ -149,6 +149,15 @@ async def stage_costs(redis_url: str, calls: int) -> dict[str, dict[str, float]]
     return out
 
 
+SCRIPT_COUNTERS = [
+    Counter("b:{ip:192.0.2.1}:*:r60000", 10**12, 60_000),
+    Counter("b:{u:bench}:*:r60000", 10**12, 60_000),
+    Counter("b:{u:bench}:*:t86400000", 10**15, 86_400_000, 300),
+    Counter("b:{u:bench}:*:b", 10**15, 86_400_000, 50, True),
+]
+"""The counters of ``bench.speed``'s full chain (ip, tier, tokens, budget) for part 3."""
+
+
 def _evalsha_usec(url: str) -> float:
     out = subprocess.run(
         ["redis-cli", "-u", url, "INFO", "commandstats"], capture_output=True, text=True
@@ -162,12 +171,7 @@ def _evalsha_usec(url: str) -> float:
 async def script_costs(redis_url: str, calls: int) -> dict[str, float]:
     """Redis' CPU a request for the limit script, one request a call vs 8 a call."""
     rs = RedisStore(redis_url, 1.0)
-    counters = [
-        Counter("b:{ip:192.0.2.1}:*:r60000", 10**12, 60_000),
-        Counter("b:{u:bench}:*:r60000", 10**12, 60_000),
-        Counter("b:{u:bench}:*:t86400000", 10**15, 86_400_000, 300),
-        Counter("b:{u:bench}:*:b", 10**15, 86_400_000, 50, True),
-    ]
+    counters = SCRIPT_COUNTERS
     out: dict[str, float] = {}
     try:
         await rs.hit(counters)  # loads the script
@@ -186,7 +190,7 @@ async def script_costs(redis_url: str, calls: int) -> dict[str, float]:
 
 def _instructions(script: str, together: int, calls: int, workdir: Path) -> int:
     """Instructions redis-server runs in all, with ``calls`` script calls of ``together``
-    requests' batches each (the four counters of ``script_costs``)."""
+    requests' batches each (:data:`SCRIPT_COUNTERS`)."""
     port = bu.free_port()
     out = workdir / f"callgrind.{port}"
     proc = subprocess.Popen(
@@ -196,10 +200,8 @@ def _instructions(script: str, together: int, calls: int, workdir: Path) -> int:
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     bu.wait_port(port, timeout=60)
-    keys = ["b:{ip:192.0.2.1}:*:r60000", "b:{u:bench}:*:r60000", "b:{u:bench}:*:t86400000"]
-    keys.append("b:{u:bench}:*:b")
-    spec = [10**12, 60_000, 1, 0, 10**12, 60_000, 1, 0]
-    spec += [10**15, 86_400_000, 300, 0, 10**15, 86_400_000, 50, 1]
+    keys = [c.key for c in SCRIPT_COUNTERS]
+    spec = [x for c in SCRIPT_COUNTERS for x in (c.limit, c.period_ms, c.amount, int(c.fixed))]
     argv = ["hit", "", together, *([len(keys)] * together), *(spec * together)]
     client = redis_py.Redis(port=port)
     sha = client.script_load(script)

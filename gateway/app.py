@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from opentelemetry.trace import Span, SpanKind
+from opentelemetry.trace import SpanKind
 
 from gateway import heap
 from gateway.asgi import Message, Receive, Scope, Send, send_simple
@@ -18,6 +18,7 @@ from gateway.headers import response_headers as clean_response_headers
 from gateway.overload import shed
 from gateway.pipeline import BodyFilter, Pipeline, ResponseHead, run_stages
 from gateway.telemetry import metrics
+from gateway.telemetry.spans import LeanSpan
 from gateway.telemetry.tracing import Tracing, light_context, traceparent
 from gateway.upstream import UpstreamResponse
 
@@ -225,8 +226,7 @@ async def _handle(
 
     upstream_span = None
     if tracing is not None and ctx.span is not None and ctx.span.is_recording():
-        assert ctx.trace_context is not None
-        upstream_span = tracing.start_child("upstream", ctx.trace_context, SpanKind.CLIENT)
+        upstream_span = tracing.start_child("upstream", ctx.span, SpanKind.CLIENT)
     if upstream_span is not None:
         tp: str | None = traceparent(upstream_span)
     elif ctx.span is not None:
@@ -268,41 +268,41 @@ async def _handle(
             upstream_span.end()
 
 
-def _response_spans(tracing: Tracing | None, ctx: RequestContext) -> list[Span]:
+def _response_spans(tracing: Tracing | None, ctx: RequestContext) -> list[LeanSpan]:
     # One span per response stage (output guard, usage), open until the answer has passed.
     if tracing is None or not tracing.stage_spans or not ctx.route.response:
         return []
-    if ctx.span is None or not ctx.span.is_recording():
+    span = ctx.span
+    if span is None or not span.is_recording():
         return []
-    assert ctx.trace_context is not None
-    return [tracing.start_child(stage.name, ctx.trace_context) for stage in ctx.route.response]
+    return [tracing.start_child(stage.name, span) for stage in ctx.route.response]
 
 
 def _start_trace(tracing: Tracing, ctx: RequestContext, carrier: dict[str, str], peer: str) -> None:
-    if not tracing.records(carrier.get("traceparent")):
-        # Nothing is recorded: propagate ids without the SDK's span machinery (~8% of CPU).
+    span = None
+    if tracing.records(carrier.get("traceparent")):
+        span = tracing.start_server_span(
+            f"{ctx.method} {ctx.route.name}",
+            carrier,
+            {
+                "http.request.method": ctx.method,
+                "url.path": ctx.path,
+                "client.address": ctx.client_ip,
+                "network.peer.address": peer,
+                "gateway.request_id": ctx.request_id,
+            },
+        )
+    if span is None:
+        # Nothing is recorded: ids are propagated without a span object.
         tid, sid, flags = light_context(carrier.get("traceparent"))
         ctx.trace_id, ctx.span_id = tid, sid
         ctx.traceparent = f"00-{tid}-{sid}-{flags}"
         ctx.response_headers.append((b"traceparent", ctx.traceparent.encode()))
         return
-    span, trace_context = tracing.start_server_span(
-        f"{ctx.method} {ctx.route.name}",
-        carrier,
-        {
-            "http.request.method": ctx.method,
-            "url.path": ctx.path,
-            "client.address": ctx.client_ip,
-            "network.peer.address": peer,
-            "gateway.request_id": ctx.request_id,
-        },
-    )
     ctx.span = span
-    ctx.trace_context = trace_context
-    sc = span.get_span_context()
-    ctx.trace_id = f"{sc.trace_id:032x}"
-    ctx.span_id = f"{sc.span_id:016x}"
-    ctx.response_headers.append((b"traceparent", traceparent(span).encode()))
+    ctx.trace_id = f"{span.trace_id:032x}"
+    ctx.span_id = f"{span.span_id:016x}"
+    ctx.response_headers.append((b"traceparent", span.traceparent().encode()))
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes:

@@ -10,10 +10,8 @@ from typing import TYPE_CHECKING, Any
 from gateway.llm.usage import decode_json
 
 if TYPE_CHECKING:
-    from opentelemetry.context import Context
-    from opentelemetry.trace import Span
-
     from gateway.routes import CompiledRoute
+    from gateway.telemetry.spans import LeanSpan
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -62,10 +60,9 @@ class RequestContext:
     status: int = 0
     notes: dict[str, Any] = field(default_factory=dict)
     """Outcomes of stages for logs and metrics (``{"guardrail": "block", ...}``)."""
-    span: Span | None = None
-    """The request's server span (None when tracing is not set up)."""
-    trace_context: Context | None = None
-    """Context carrying ``span``, the parent of stage and upstream spans."""
+    span: LeanSpan | None = None
+    """The request's server span, the parent of stage and upstream spans (None when this
+    request is not recorded)."""
     trace_id: str | None = None
     span_id: str | None = None
     traceparent: str | None = None

@@ -219,8 +219,8 @@ async def run_stages(
     )
     for stage in stages:
         if traced:
-            assert tracing is not None and ctx.trace_context is not None
-            child = tracing.start_child(stage.name, ctx.trace_context)
+            assert tracing is not None and span is not None
+            child = tracing.start_child(stage.name, span)
             try:
                 deny = await stage.on_request(ctx)
             finally:

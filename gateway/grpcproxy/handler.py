@@ -164,7 +164,7 @@ class Proxy:
             ctx.traceparent = f"00-{tid}-{sid}-{flags}"
             return
         service, name = self.metrics.labels(ctx.path)
-        span, trace_context = tracing.start_server_span(
+        span = tracing.start_server_span(
             ctx.path.lstrip("/"),
             carrier,
             {
@@ -176,9 +176,13 @@ class Proxy:
                 "gateway.request_id": ctx.request_id,
             },
         )
-        ctx.span, ctx.trace_context = span, trace_context
-        sc = span.get_span_context()
-        ctx.trace_id, ctx.span_id = f"{sc.trace_id:032x}", f"{sc.span_id:016x}"
+        if span is None:  # a client's parent the sampler declined
+            tid, sid, flags = light_context(carrier.get("traceparent"))
+            ctx.trace_id, ctx.span_id = tid, sid
+            ctx.traceparent = f"00-{tid}-{sid}-{flags}"
+            return
+        ctx.span = span
+        ctx.trace_id, ctx.span_id = f"{span.trace_id:032x}", f"{span.span_id:016x}"
         ctx.traceparent = traceparent(span)
 
     def _upstream_metadata(self, pipeline: Pipeline, ctx: RequestContext, md: Any) -> Metadata:
@@ -224,8 +228,7 @@ class Proxy:
         tracing, span = self.tracing, ctx.span
         upstream_span = None
         if tracing is not None and span is not None and span.is_recording():
-            assert ctx.trace_context is not None
-            upstream_span = tracing.start_child("upstream", ctx.trace_context, SpanKind.CLIENT)
+            upstream_span = tracing.start_child("upstream", span, SpanKind.CLIENT)
             md.append(("traceparent", traceparent(upstream_span)))
         elif ctx.traceparent is not None:
             md.append(("traceparent", ctx.traceparent))

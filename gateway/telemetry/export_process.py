@@ -3,9 +3,10 @@
 Why: the OTLP exporter encodes spans in Python (~90 µs a span, plus the HTTP request), and
 in a thread of the serving process that work holds the GIL the event loop needs. At sampling
 0.1 it cost the full chain ~19% of its throughput and ~2.5 ms of p99 at 500 req/s on the
-bench machine. Here the serving process only flattens each span to plain values and pickles
-a batch every ``schedule_delay`` (~14 µs a span, in a small thread); the child rebuilds
-them as SDK spans and exports them with the same OTLP exporter, on another core.
+bench machine. Here the serving process records its spans as plain values
+(:mod:`gateway.telemetry.spans`) and pickles a batch every ``schedule_delay`` (in a small
+thread); the child rebuilds them as SDK spans and exports them with the same OTLP exporter,
+on another core.
 
 The child is ``python -m gateway.telemetry.export_process``, started by the serving process
 (one per worker) with the telemetry section as JSON in its arguments. It ignores SIGINT and
@@ -118,7 +119,7 @@ class ProcessSpanProcessor(SpanProcessor):
         self, cfg: TelemetryConfig, schedule_delay: float = 0.2, max_queue_size: int = 4096
     ) -> None:
         self._delay = schedule_delay
-        self._queue: collections.deque[ReadableSpan] = collections.deque(maxlen=max_queue_size)
+        self._queue: collections.deque[Flat] = collections.deque(maxlen=max_queue_size)
         self._wake = threading.Condition()
         self._stopping = False
         self._broken = False
@@ -139,9 +140,13 @@ class ProcessSpanProcessor(SpanProcessor):
         """Nothing to do when a span starts."""
 
     def on_end(self, span: ReadableSpan) -> None:
-        """Queue a finished sampled span (the oldest are dropped when the queue is full)."""
+        """Queue a finished sampled SDK span (the oldest are dropped when the queue is full)."""
         if span.context is not None and span.context.trace_flags.sampled:
-            self._queue.append(span)
+            self._queue.append(flatten(span))
+
+    def record(self, flat: Flat) -> None:
+        """Queue a finished span already flat (:class:`gateway.telemetry.spans.LeanSpan`)."""
+        self._queue.append(flat)
 
     def _run(self) -> None:
         while True:
@@ -158,11 +163,11 @@ class ProcessSpanProcessor(SpanProcessor):
         queue = self._queue
         try:
             while queue:
-                batch.append(flatten(queue.popleft()))
+                batch.append(queue.popleft())
             if not batch or self._broken:
                 return
             data = pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception:  # a span the flattening did not foresee: drop the batch, go on
+        except Exception:  # an attribute value pickle cannot take: drop the batch, go on
             log.exception("spans could not be handed to the export process; batch dropped")
             return
         stdin = self._child.stdin

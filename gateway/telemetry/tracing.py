@@ -1,6 +1,7 @@
 """OpenTelemetry tracing: W3C trace context in and out, one server span per request.
 
-Set up once per process (a reload keeps the provider: ``telemetry`` changes need a restart).
+Set up once per process (a reload keeps it: ``telemetry`` changes need a restart). The
+gateway's spans are recorded as plain values (:mod:`gateway.telemetry.spans`), not SDK spans.
 Export is OTLP over HTTP/protobuf or gRPC from a child process that receives finished spans in
 batches (:mod:`gateway.telemetry.export_process`), so exporting never blocks or fails a request
 and its encoding does not compete with the event loop for the GIL: when the queue is full,
@@ -14,40 +15,44 @@ from __future__ import annotations
 import logging
 import random
 import re
+from collections.abc import Callable
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
-from opentelemetry.trace import Span, SpanKind
+from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from gateway.policy.sections import TelemetryConfig
-from gateway.telemetry.export_process import ProcessSpanProcessor, endpoint_set, otlp_exporter
+from gateway.telemetry.export_process import (
+    ProcessSpanProcessor,
+    endpoint_set,
+    otlp_exporter,
+    rebuild,
+)
+from gateway.telemetry.spans import Flat, LeanSpan, SpanOwner
 
 log = logging.getLogger("gateway.tracing")
 
 _PROPAGATOR = TraceContextTextMapPropagator()
+SCOPE: Flat = ("gateway", "", None)
+"""The instrumentation scope of the gateway's spans (as the SDK's ``get_tracer("gateway")``)."""
 
 
 class Tracing:
-    """The process's tracer, sampler and propagator."""
+    """The process's sampler, span recorder and export."""
 
     def __init__(self, cfg: TelemetryConfig) -> None:
         exporting = endpoint_set(cfg.otlp_endpoint)
-        # Roots are sampled by :meth:`records` before the SDK sees them (unsampled requests
-        # take the light path); the SDK then records whatever it is given.
-        sampler = ParentBased(ALWAYS_ON if exporting else ALWAYS_OFF)
         self.ratio = cfg.sample_ratio
-        self.provider = TracerProvider(
-            sampler=sampler, resource=Resource.create({"service.name": cfg.service_name})
+        resource = Resource.create({"service.name": cfg.service_name})
+        self.processor: SpanProcessor | None = _processor(cfg) if exporting else None
+        """Where ended spans go (None: nothing is exported, so nothing is recorded)."""
+        self._owner = SpanOwner(
+            _sink(self.processor), (dict(resource.attributes), resource.schema_url), SCOPE
         )
-        if exporting:
-            self.provider.add_span_processor(_processor(cfg))
-        self.tracer = self.provider.get_tracer("gateway")
         self.exporting = exporting
         self.stage_spans = cfg.stage_spans
         """Whether stages get child spans (``telemetry.stage_spans``)."""
@@ -55,7 +60,7 @@ class Tracing:
     def records(self, header: str | None) -> bool:
         """Whether this request's spans are recorded: the client's sampled flag when its
         ``traceparent`` is valid (parent-based), else ``sample_ratio``. The others never
-        touch the SDK (~25 µs a request saved at sampling 0.1)."""
+        record a span (~25 µs a request saved at sampling 0.1)."""
         if not self.exporting:
             return False
         m = _TRACEPARENT.match(header) if header else None
@@ -65,21 +70,39 @@ class Tracing:
 
     def start_server_span(
         self, name: str, carrier: dict[str, str], attributes: dict[str, Any]
-    ) -> tuple[Span, Context]:
-        """The request's server span (child of the client's ``traceparent`` when valid)."""
-        parent = _PROPAGATOR.extract(carrier) if carrier else None
-        span = self.tracer.start_span(
-            name, context=parent, kind=SpanKind.SERVER, attributes=attributes
-        )
-        return span, trace.set_span_in_context(span)
+    ) -> LeanSpan | None:
+        """The request's server span (child of the client's ``traceparent`` when valid);
+        None when that parent is valid but not sampled (in a ``traceparent`` version
+        :meth:`records` does not read), as the SDK's parent-based sampler decides."""
+        parent = None
+        if carrier:
+            sc = trace.get_current_span(_PROPAGATOR.extract(carrier)).get_span_context()
+            if sc.is_valid:
+                if not sc.trace_flags.sampled:
+                    return None
+                state = sc.trace_state.to_header()
+                parent = (sc.trace_id, sc.span_id, sc.is_remote, int(sc.trace_flags), state)
+        return self._owner.root(name, parent, SpanKind.SERVER, attributes)
 
-    def start_child(self, name: str, parent: Context, kind: SpanKind = SpanKind.INTERNAL) -> Span:
+    def start_child(
+        self, name: str, parent: LeanSpan, kind: SpanKind = SpanKind.INTERNAL
+    ) -> LeanSpan:
         """A child span of the request (a stage, the upstream call)."""
-        return self.tracer.start_span(name, context=parent, kind=kind)
+        return parent.child(name, kind)
 
     def shutdown(self) -> None:
         """Flush what is queued (bounded by the exporter's timeout)."""
-        self.provider.shutdown()
+        if self.processor is not None:
+            self.processor.shutdown()
+
+
+def _sink(processor: SpanProcessor | None) -> Callable[[Flat], None]:
+    if isinstance(processor, ProcessSpanProcessor):
+        return processor.record
+    if processor is None:
+        return lambda flat: None
+    on_end = processor.on_end
+    return lambda flat: on_end(rebuild(flat))
 
 
 def _processor(cfg: TelemetryConfig) -> SpanProcessor:
@@ -113,12 +136,6 @@ def light_context(header: str | None) -> tuple[str, str, str]:
     return f"{random.getrandbits(128) or 1:032x}", span_id, "00"
 
 
-def traceparent(span: Span) -> str:
+def traceparent(span: LeanSpan) -> str:
     """The W3C ``traceparent`` header value for ``span``."""
-    sc = span.get_span_context()
-    return f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{int(sc.trace_flags):02x}"
-
-
-def trace_id(span: Span) -> str:
-    """The trace id as 32 hex digits."""
-    return f"{span.get_span_context().trace_id:032x}"
+    return span.traceparent()

@@ -4,24 +4,28 @@ from __future__ import annotations
 
 import sys
 
+import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from gateway.policy.sections import TelemetryConfig
 from gateway.telemetry.export_process import ProcessSpanProcessor, flatten, rebuild
+from gateway.telemetry.spans import Flat
 from gateway.telemetry.tracing import Tracing
 
 
 def test_exporting_starts_a_child_that_ends_with_the_tracer() -> None:
     before = sys.getswitchinterval()
-    assert Tracing(TelemetryConfig()).provider._active_span_processor._span_processors == ()
+    assert Tracing(TelemetryConfig()).processor is None
     tracing = Tracing(TelemetryConfig(otlp_endpoint="http://127.0.0.1:9"))
     assert tracing.exporting and sys.getswitchinterval() == before
-    (processor,) = tracing.provider._active_span_processor._span_processors
+    processor = tracing.processor
     assert isinstance(processor, ProcessSpanProcessor)
     child = processor._child
     assert child.poll() is None  # running
@@ -73,3 +77,95 @@ def test_a_dead_child_drops_spans_without_failing_the_caller() -> None:
         assert processor.force_flush()  # no exception reaches the request path
     assert processor._broken
     provider.shutdown()
+
+
+class _Ids(IdGenerator):
+    """Hands the SDK the ids the gateway's spans drew, in order."""
+
+    def __init__(self, trace_id: int, span_ids: list[int]) -> None:
+        self.trace_id = trace_id
+        self.span_ids = span_ids
+
+    def generate_trace_id(self) -> int:
+        return self.trace_id
+
+    def generate_span_id(self) -> int:
+        return self.span_ids.pop(0)
+
+    def is_trace_id_random(self) -> bool:
+        return True  # as the SDK's default RandomIdGenerator
+
+
+@pytest.mark.parametrize(
+    "carrier",
+    [
+        {},
+        {
+            "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "tracestate": "k=v,a=b",
+        },
+        {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-03"},
+    ],
+    ids=["root", "remote-parent-with-state", "remote-parent-random-flag"],
+)
+def test_the_gateways_spans_encode_exactly_as_the_sdks(carrier: dict[str, str]) -> None:
+    tracing = Tracing(TelemetryConfig(service_name="svc"))
+    flats: list[Flat] = []
+    tracing._owner.sink = flats.append
+    attrs = {"http.request.method": "POST", "url.path": "/v1/chat", "n": 3}
+    server = tracing.start_server_span("POST chat", carrier, attrs)
+    assert server is not None
+    upstream = tracing.start_child("upstream", server, SpanKind.CLIENT)
+    stage = tracing.start_child("guard_input", server)
+    stage.end()
+    upstream.end()
+    upstream.set_attribute("late", 1)  # ignored once ended, as the SDK does
+    server.set_attribute("http.response.status_code", 502)
+    server.set_attribute("gen_ai.usage.cost_usd", 0.25)
+    server.set_status(Status(StatusCode.ERROR, "bad gateway"))
+    server.set_status(Status(StatusCode.UNSET))  # ignored
+    server.end()
+    server.end()  # a second end hands nothing over
+    assert [f[0] for f in flats] == ["guard_input", "upstream", "POST chat"]
+
+    capture = _Capture()
+    ids = _Ids(server.trace_id, [server.span_id, upstream.span_id, stage.span_id])
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": "svc"}),
+        id_generator=ids,
+        sampler=ParentBased(ALWAYS_ON),
+    )
+    provider.add_span_processor(SimpleSpanProcessor(capture))
+    tracer = provider.get_tracer("gateway")
+    by_name = {f[0]: f for f in flats}
+    parent = TraceContextTextMapPropagator().extract(carrier) if carrier else None
+    sdk_server = tracer.start_span(
+        "POST chat",
+        context=parent,
+        kind=SpanKind.SERVER,
+        attributes=attrs,
+        start_time=by_name["POST chat"][4],
+    )
+    in_server = set_span_in_context(sdk_server)
+    sdk_up = tracer.start_span(
+        "upstream", in_server, SpanKind.CLIENT, start_time=by_name["upstream"][4]
+    )
+    sdk_stage = tracer.start_span("guard_input", in_server, start_time=by_name["guard_input"][4])
+    sdk_stage.end(end_time=by_name["guard_input"][5])
+    sdk_up.end(end_time=by_name["upstream"][5])
+    sdk_server.set_attribute("http.response.status_code", 502)
+    sdk_server.set_attribute("gen_ai.usage.cost_usd", 0.25)
+    sdk_server.set_status(Status(StatusCode.ERROR, "bad gateway"))
+    sdk_server.end(end_time=by_name["POST chat"][5])
+
+    assert encode_spans([rebuild(f) for f in flats]) == encode_spans(capture.spans)
+    sc = sdk_up.get_span_context()
+    assert upstream.traceparent() == (
+        f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{int(sc.trace_flags):02x}"
+    )
+
+
+def test_an_unsampled_parent_the_ratio_check_did_not_read_records_nothing() -> None:
+    tracing = Tracing(TelemetryConfig())
+    carrier = {"traceparent": "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00-x"}
+    assert tracing.start_server_span("s", carrier, {}) is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
@@ -85,9 +86,11 @@ class RequestContext:
             try:
                 self._doc, self._doc_error = decode_json(body), None
             except (ValueError, RecursionError) as exc:
-                self._doc, self._doc_error = None, exc
+                # Kept and raised as copies, without traceback or context: those hold frames
+                # that hold this context, a cycle left to the garbage collector.
+                self._doc, self._doc_error = None, copy.copy(exc)
         if self._doc_error is not None:
-            raise self._doc_error
+            raise copy.copy(self._doc_error)
         return self._doc
 
     def decoded_body(self, default: Any) -> Any:

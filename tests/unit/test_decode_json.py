@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import codecs
+import gc
 import json
 
 import pytest
 
+from gateway.context import RequestContext
 from gateway.llm.usage import decode_json
 
 
@@ -57,6 +59,12 @@ def test_decode_json_fails_like_json_loads(body: bytes) -> None:
     with pytest.raises(ValueError) as got:
         decode_json(body)
     assert type(got.value) is type(want.value) and str(got.value) == str(want.value)
+    ctx = RequestContext({}, "rid", None, "POST", "/x", "192.0.2.1", [])  # type: ignore[arg-type]
+    ctx.body = body
+    for _ in range(2):  # the first reader decodes, the next one gets the error kept
+        with pytest.raises(ValueError) as again:
+            ctx.json_body()
+        assert type(again.value) is type(want.value) and str(again.value) == str(want.value)
 
 
 def test_decode_json_too_deep_like_json_loads() -> None:
@@ -64,3 +72,27 @@ def test_decode_json_too_deep_like_json_loads() -> None:
     for decode in (json.loads, decode_json):
         with pytest.raises(RecursionError):
             decode(deep)
+    ctx = RequestContext({}, "rid", None, "POST", "/x", "192.0.2.1", [])  # type: ignore[arg-type]
+    ctx.body = deep
+    for _ in range(2):
+        with pytest.raises(RecursionError):
+            ctx.json_body()
+
+
+def test_a_body_that_is_not_json_fails_every_reader_and_leaves_no_cycle() -> None:
+    # The error is kept on the context for the next reader; with its traceback it would
+    # hold the frame that holds the context: a cycle for the garbage collector per request.
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(3):
+            ctx = RequestContext({}, "rid", None, "POST", "/x", "192.0.2.1", [])  # type: ignore[arg-type]
+            ctx.body = b'{"model": '
+            for _ in range(2):
+                with pytest.raises(json.JSONDecodeError, match="Expecting value"):
+                    ctx.json_body()
+            assert ctx.decoded_body("none") == "none"
+            del ctx
+        assert gc.collect() == 0
+    finally:
+        gc.enable()

@@ -121,7 +121,6 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._body_last = 0.0
         self._body_seen = 0  # body bytes of the current request so far
         self._body_timer: asyncio.TimerHandle | None = None
-        self._corked: CorkedTransport | None = None
 
     # -- connection ----------------------------------------------------------------------
 
@@ -129,8 +128,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         """Count the connection; over ``max_connections`` it is only answered 503 and closed."""
         super().connection_made(transport)
         # Flow control (pause/resume reading) keeps the real transport; writes are corked.
-        self._corked = CorkedTransport(transport, self.loop)
-        self.transport = self._corked  # type: ignore[assignment]
+        self.transport = CorkedTransport(transport, self.loop)  # type: ignore[assignment]
         if len(self.connections) > self._lim.max_connections:
             self._refusing = True
             metrics.REQUEST_ERRORS.labels("overloaded").inc()
@@ -139,14 +137,6 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             return
         self._head_since = self.loop.time()
         self._arm_head_timer()
-
-    def on_response_complete(self) -> None:
-        """Send the whole answer now: the rest of this loop turn still holds the request's
-        own bookkeeping (usage settlement, metrics, the access record), which the client
-        need not wait for."""
-        if self._corked is not None:
-            self._corked.flush()
-        super().on_response_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Cancel this connection's timers."""

@@ -158,25 +158,22 @@ class Proxy:
 
     def _start_trace(self, ctx: RequestContext, carrier: dict[str, str], peer: str) -> None:
         tracing = self.tracing
-        if tracing is None or not tracing.exporting:
-            tid, sid, flags = light_context(carrier.get("traceparent"))
-            ctx.trace_id, ctx.span_id = tid, sid
-            ctx.traceparent = f"00-{tid}-{sid}-{flags}"
-            return
-        service, name = self.metrics.labels(ctx.path)
-        span = tracing.start_server_span(
-            ctx.path.lstrip("/"),
-            carrier,
-            {
-                "rpc.system": "grpc",
-                "rpc.service": service,
-                "rpc.method": name,
-                "client.address": ctx.client_ip,
-                "network.peer.address": peer,
-                "gateway.request_id": ctx.request_id,
-            },
-        )
-        if span is None:  # a client's parent the sampler declined
+        span = None
+        if tracing is not None and tracing.exporting:
+            service, name = self.metrics.labels(ctx.path)
+            span = tracing.start_server_span(
+                ctx.path.lstrip("/"),
+                carrier,
+                {
+                    "rpc.system": "grpc",
+                    "rpc.service": service,
+                    "rpc.method": name,
+                    "client.address": ctx.client_ip,
+                    "network.peer.address": peer,
+                    "gateway.request_id": ctx.request_id,
+                },
+            )
+        if span is None:  # not exporting, or a client's parent the sampler declined
             tid, sid, flags = light_context(carrier.get("traceparent"))
             ctx.trace_id, ctx.span_id = tid, sid
             ctx.traceparent = f"00-{tid}-{sid}-{flags}"

@@ -39,7 +39,9 @@ class SpanOwner:
 
     __slots__ = ("resource", "scope", "sink")
 
-    def __init__(self, sink: Sink, resource: tuple[dict[str, Any], str | None], scope: Flat):
+    def __init__(
+        self, sink: Sink, resource: tuple[dict[str, Any], str | None], scope: Flat
+    ) -> None:
         self.sink = sink
         self.resource = resource
         self.scope = scope

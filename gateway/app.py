@@ -87,17 +87,33 @@ class GatewayApp:
                 status, headers, body = error_response(deny, rid, trace_id=_tid(ctx))
                 await send_simple(send, status, headers, body)
         finally:
-            if state.ctx is not None:
-                try:
-                    for stage in state.ctx.route.finishers:
-                        stage.on_finish(state.ctx)
-                    pipeline.recorder.finish(state.ctx)
-                except Exception:
-                    log.exception("recording a request failed")
-            self.inflight -= 1
-            pipeline.inflight -= 1
-            if pipeline.retired and pipeline.inflight == 0 and pipeline in self._retired:
-                self._close_later(pipeline)
+            ctx = state.ctx
+            if ctx is None:
+                self._done(pipeline)
+            else:
+                ctx.ended = time.perf_counter()
+                if ctx.span is not None:
+                    ctx.ended_ns = time.time_ns()
+                # The answer's bytes leave at the end of this loop turn (the corked transport's
+                # flush is already queued); the bookkeeping queued after it does not delay them.
+                asyncio.get_running_loop().call_soon(self._record, pipeline, ctx)
+
+    def _record(self, pipeline: Pipeline, ctx: RequestContext) -> None:
+        """Finishers, metrics, span and access log of one request, after its answer left."""
+        try:
+            for stage in ctx.route.finishers:
+                stage.on_finish(ctx)
+            pipeline.recorder.finish(ctx)
+        except Exception:
+            log.exception("recording a request failed")
+        self._done(pipeline)
+
+    def _done(self, pipeline: Pipeline) -> None:
+        # Still in flight until recorded: a retired pipeline (and its store) closes after.
+        self.inflight -= 1
+        pipeline.inflight -= 1
+        if pipeline.retired and pipeline.inflight == 0 and pipeline in self._retired:
+            self._close_later(pipeline)
 
 
 class _State:

@@ -50,6 +50,11 @@ class RequestContext:
     headers: Headers
     """Request headers as received (lower-case names)."""
     started: float = field(default_factory=time.perf_counter)
+    ended: float = 0.0
+    """When the handler returned (``perf_counter``; 0 until then): the request's duration ends
+    here, though it is recorded a moment later (see :class:`gateway.app.GatewayApp`)."""
+    ended_ns: int = 0
+    """The same instant as wall-clock nanoseconds, for the server span's end (0: now)."""
     identity: Identity | None = None
     body: bytes | None = None
     """The request body, present only when a stage asked for it (``needs_body``)."""

@@ -40,7 +40,7 @@ class Recorder:
 
     def finish(self, ctx: RequestContext) -> None:
         """Record the request; never raises into the request path."""
-        elapsed = time.perf_counter() - ctx.started
+        elapsed = (ctx.ended or time.perf_counter()) - ctx.started
         method = m.method_label(ctx.method)
         route = ctx.route
         name = route.name
@@ -78,7 +78,7 @@ class Recorder:
             if ctx.status >= 500:
                 span.set_status(Status(StatusCode.ERROR))
         if span is not None:
-            span.end()
+            span.end(ctx.ended_ns or None)
         if self.log_requests and access.isEnabledFor(logging.INFO):
             access.info("request", extra=self._fields(ctx, elapsed, tier))
 

@@ -133,11 +133,12 @@ class LeanSpan:
         """The W3C ``traceparent`` header value for this span."""
         return f"00-{self.trace_id:032x}-{self.span_id:016x}-{self.flags:02x}"
 
-    def end(self) -> None:
-        """End the span and hand it to the export process (a second call does nothing)."""
+    def end(self, end_time: int | None = None) -> None:
+        """End the span (at ``end_time`` ns since the epoch, default now) and hand it to the
+        export process (a second call does nothing)."""
         if self._end is not None:
             return
-        self._end = end = time.time_ns()
+        self._end = end = time.time_ns() if end_time is None else end_time
         owner = self._owner
         owner.sink(
             (

@@ -200,7 +200,7 @@ async def _handle(
     if _bad_path(path):
         return await _deny(send, ctx, Deny(400, "invalid_request", "invalid request path"))
 
-    deny = await run_stages(route.before_body, ctx, tracing)
+    deny = await run_stages(route.before_body, ctx, tracing, route.before_ahead)
     if deny is not None:
         return await _deny(send, ctx, deny)
 
@@ -218,7 +218,7 @@ async def _handle(
     try:
         if route.needs_body:
             ctx.body = await _read_body(receive, pipeline.max_body) if has_body else b""
-            deny = await run_stages(route.after_body, ctx, tracing)
+            deny = await run_stages(route.after_body, ctx, tracing, route.after_ahead)
             if deny is not None:
                 return await _deny(send, ctx, deny)
             body = ctx.body or None  # after the stages: a guardrail may have rewritten it

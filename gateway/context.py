@@ -75,6 +75,9 @@ class RequestContext:
     """Our ``traceparent`` (sent upstream and returned), when no span is recorded."""
     prompt_texts: list[str] | None = None
     """The prompt fields the input guardrail read (for the opt-in prompt log only)."""
+    ahead: dict[str, Any] | None = None
+    """What stages prepared ahead of their turn, by stage name, while their stage list runs
+    (see :func:`gateway.pipeline.run_stages`); None otherwise."""
     upstream_seconds: float | None = None
     """Time to the upstream's response headers."""
     _doc_of: bytes | None = None

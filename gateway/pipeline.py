@@ -6,6 +6,7 @@ routes, never the order. Stages plug in through ``gateway.stages.FACTORIES``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -47,7 +48,13 @@ class RequestStage(Protocol):
     """True when the stage reads ``ctx.body`` (the body is then buffered, bounded)."""
 
     async def on_request(self, ctx: RequestContext) -> Deny | None:
-        """Return a Deny to stop the request, None to let it go on."""
+        """Return a Deny to stop the request, None to let it go on.
+
+        A stage may also have ``prepare(ctx)``: pure work (no outcome, no side effect) that
+        it may do ahead of its turn while an earlier stage of the same list waits on the
+        network (the rate limit's store round trip), leaving the result in
+        ``ctx.ahead[stage.name]`` for its own ``on_request`` to use. It is skipped once the
+        list has run, so a request denied before its turn costs it nothing."""
         ...
 
 
@@ -206,13 +213,46 @@ def _order(route: CompiledRoute) -> None:
     route.before_body.sort(key=lambda s: s.phase)
     route.after_body.sort(key=lambda s: s.phase)
     route.response.sort(key=lambda s: s.phase)
+    route.before_ahead = [s for s in route.before_body[1:] if hasattr(s, "prepare")]
+    route.after_ahead = [s for s in route.after_body[1:] if hasattr(s, "prepare")]
+
+
+def _prepare(stages: list[Any], ctx: RequestContext) -> None:
+    if ctx.ahead is None:
+        return  # the stages have run already (none of them waited)
+    for stage in stages:
+        try:
+            stage.prepare(ctx)
+        except Exception:  # the stage's own turn does the work again and reports
+            log.debug("preparing %s failed", stage.name, exc_info=True)
 
 
 async def run_stages(
-    stages: list[RequestStage], ctx: RequestContext, tracing: Tracing | None
+    stages: list[RequestStage],
+    ctx: RequestContext,
+    tracing: Tracing | None,
+    ahead: list[Any] | None = None,
 ) -> Deny | None:
     """Run ``stages`` in order until one denies (each in a child span when traced with
-    ``stage_spans``); the denying stage's name goes to ``ctx.notes["denied_by"]``."""
+    ``stage_spans``); the denying stage's name goes to ``ctx.notes["denied_by"]``.
+
+    ``ahead``: the later stages' ``prepare`` hooks, run in a callback queued two loop turns
+    out, that is behind the writes the first stages queue now: while they wait for the
+    answer (measured: ``python -m bench.speed``, the README's Speed section)."""
+    if ahead:
+        ctx.ahead = {}
+        loop = asyncio.get_running_loop()
+        loop.call_soon(loop.call_soon, _prepare, ahead, ctx)
+        try:
+            return await _run_stages(stages, ctx, tracing)
+        finally:
+            ctx.ahead = None
+    return await _run_stages(stages, ctx, tracing)
+
+
+async def _run_stages(
+    stages: list[RequestStage], ctx: RequestContext, tracing: Tracing | None
+) -> Deny | None:
     span = ctx.span
     traced = (
         tracing is not None and tracing.stage_spans and span is not None and span.is_recording()

@@ -34,6 +34,11 @@ class CompiledRoute:
     finishers: list[Any] = field(default_factory=list)
     """Stages with ``on_finish(ctx)``: called once when the request ends, however it ends."""
     needs_body: bool = False
+    before_ahead: list[Any] = field(default_factory=list)
+    """Stages of ``before_body``, after its first, with ``prepare(ctx)``: work they may do
+    ahead of their turn while an earlier stage waits on the network."""
+    after_ahead: list[Any] = field(default_factory=list)
+    """The same for ``after_body``."""
 
     def matches(self, method: str, path: str) -> bool:
         """True when ``path`` is the prefix or below it, and the method is allowed."""

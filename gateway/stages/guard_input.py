@@ -65,6 +65,22 @@ class InputGuardStage:
         """The rules' verdict on one prompt text (what ``on_request`` decides per field)."""
         return self.rules.scan(normalise(text, self.decode))
 
+    def prepare(self, ctx: RequestContext) -> None:
+        """Ahead of its turn, while the rate limit waits on its store: the rules' verdicts on
+        the prompt fields, by text (pure; what is recorded and denied is decided in turn)."""
+        assert ctx.ahead is not None
+        try:
+            slots = self._slots(ctx)[0]
+        except extract.BadBody:
+            return  # reported in turn
+        max_chars = self.cfg.max_chars
+        found: dict[str, Verdict | None] = {}
+        for slot in slots:
+            text = strip_control(slot.text) if self.strip else slot.text
+            if max_chars is None or len(text) <= max_chars:
+                found[text] = self.verdict(text)
+        ctx.ahead[self.name] = found
+
     def _slots(self, ctx: RequestContext) -> tuple[list[extract.Slot], Any, list[list[str]]]:
         doc: Any = None
         slots: list[extract.Slot] = []
@@ -120,7 +136,9 @@ class InputGuardStage:
             else:
                 outcome.record(ctx, "input", [("max_chars", "block")])
                 return self.too_long, None
-        verdict = self.verdict(new)
+        ahead = ctx.ahead
+        found = ahead.get(self.name) if ahead else None
+        verdict = found[new] if found is not None and new in found else self.verdict(new)
         if verdict is not None:
             if verdict.action == "sanitize":
                 new = self._sanitize(new, verdict.hits)

@@ -226,13 +226,22 @@ def measure(duration: int, rate: int, workers: bool = True, rounds: int = 1) -> 
             out["throughput"] = {name: median_by_rps(runs) for name, runs in samples.items()}
             out["rounds"] = rounds
             fixed: dict[str, Any] = {}
-            for name in ("direct", "full chain", "full chain, local_share"):
+            for name in ("direct", "pass-through", "full chain", "full chain, local_share"):
                 port, headers = targets[name]
                 url = f"http://127.0.0.1:{port}{PATH}"
                 run_wrk(url, duration_s=2, rate=rate, method="POST", body=body, headers=headers)
-                fixed[name] = run_wrk(
+                proc = serving.get(name)
+                cpu = cpu_seconds([proc.pid]) if proc is not None else 0.0
+                run = run_wrk(
                     url, duration_s=duration, rate=rate, method="POST", body=body, headers=headers
                 )
+                if proc is not None:
+                    # At a fixed rate the gateway sleeps between requests; what a request then
+                    # costs, against the closed-loop figure, is what `python -m bench.machine`
+                    # explains.
+                    done = max(1, int(run.get("requests") or run["rps"] * duration))
+                    run["cpu_us_per_req"] = round(1e6 * (cpu_seconds([proc.pid]) - cpu) / done)
+                fixed[name] = run
             out["fixed_rate"] = {"rate": rate, **fixed}
         finally:
             for proc in reversed(procs):
@@ -261,6 +270,7 @@ def summarise(res: dict[str, Any]) -> list[str]:
             f"{bare:.0f}% | {nginx:.1f}% | {cpu if cpu is not None else '—'} |"
         )
     f = res["fixed_rate"]
+    lines += _fixed_rate_table(f)
     lines += ["", "| check | target | full chain | with `local_share` |", "|---|---|---|---|"]
     rss = res["full_chain_rss_mb"]
     cells: dict[str, list[str]] = {}
@@ -294,6 +304,28 @@ def summarise(res: dict[str, Any]) -> list[str]:
     lines.append(
         f"| RSS per worker under load | ≤ 120 MB | {rss} MB {_ok(rss <= 120)}{extra} | (all) |"
     )
+    return lines
+
+
+def _fixed_rate_table(f: dict[str, Any]) -> list[str]:
+    """The fixed-rate runs: latency added over direct and the gateway's CPU a request."""
+    direct = f["direct"]
+    lines = [
+        "",
+        f"At a fixed {f['rate']} req/s (open loop, `{direct.get('generator', '?')}`, 32 "
+        "connections), the same body:",
+        "",
+        "| target | p50 / p99 ms | added p50 / p99 ms | gateway CPU µs/req |",
+        "|---|---|---|---|",
+    ]
+    for name, r in f.items():
+        if not isinstance(r, dict):
+            continue
+        added = "— | —"
+        if name != "direct":
+            add50, add99 = r["p50_ms"] - direct["p50_ms"], r["p99_ms"] - direct["p99_ms"]
+            added = f"+{add50:.2f} / +{add99:.2f} | {r.get('cpu_us_per_req', '—')}"
+        lines.append(f"| {name} | {r['p50_ms']:.2f} / {r['p99_ms']:.2f} | {added} |")
     return lines
 
 

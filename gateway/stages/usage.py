@@ -6,8 +6,9 @@ streams (``buffer = False``): JSON answers are collected up to 4 MiB and read at
 event streams are scanned line by line for ``data:`` lines carrying ``usage`` (OpenAI sends
 it with ``stream_options.include_usage``; Anthropic in ``message_start``/``message_delta``).
 
-At the end of the body it fills ``ctx.usage`` (model, tokens, cost, ``estimated`` when the
-answer reported nothing) and settles the rate-limit stage's reservation: the difference
+At the end of the body it reads the usage; once the answer has left (``on_finish``, with the
+request's other bookkeeping) it fills ``ctx.usage`` (model, tokens, cost, ``estimated`` when
+the answer reported nothing) and settles the rate-limit stage's reservation: the difference
 between the real usage and the reserved estimate goes to the token and budget counters in one
 background round trip, so the client never waits for it. An error answer (4xx/5xx) without
 usage refunds the reservation; a 2xx answer without usage keeps the estimate as the charge.
@@ -27,6 +28,9 @@ from gateway.store import Counter, SharedState
 
 #: Note set when the gateway asked for stream usage itself (also shown in the access log).
 INJECTED = "usage_requested_by_gateway"
+#: The answer's status and usage, from the end of its body to ``on_finish`` (which runs after
+#: the answer's bytes are written, see :class:`gateway.app.GatewayApp`; popped before the log).
+ANSWERED = "_usage_answered"
 
 
 class UsageFilter:
@@ -53,13 +57,15 @@ class UsageFilter:
         return self.stripper.feed(chunk) if self.stripper is not None else chunk
 
     async def on_end(self) -> bytes:
-        """Record the usage and settle; adds nothing to the body."""
+        """Read the usage; adds nothing to the body. It is priced and settled in
+        :meth:`UsageStage.on_finish`, once the answer has left."""
         scanner = self.scanner
+        ctx = self.ctx
         if isinstance(scanner, JsonUsage):
-            tokens = scanner.result(self.ctx.notes.pop(ANSWER_DOC, None))
+            tokens = scanner.result(ctx.notes.pop(ANSWER_DOC, None))
         else:
             tokens = scanner.result()
-        self.stage.finish(self.ctx, self.status, tokens)
+        ctx.notes[ANSWERED] = (self.status, tokens)
         return self.stripper.end() if self.stripper is not None else b""
 
 
@@ -103,9 +109,13 @@ class UsageStage:
         return None
 
     def on_finish(self, ctx: RequestContext) -> None:
-        """The request ended without its answer being read to the end (denied after the
-        reservation, upstream error, client gone): settle what is still reserved."""
-        if RESERVATION in ctx.notes:
+        """Price and settle the usage the answer reported; or, when the request ended
+        without its answer being read to the end (denied after the reservation, upstream
+        error, client gone), settle what is still reserved."""
+        answered = ctx.notes.pop(ANSWERED, None)
+        if answered is not None:
+            self.finish(ctx, *answered)
+        elif RESERVATION in ctx.notes:
             self.finish(ctx, ctx.status or 499, None)
 
     def finish(self, ctx: RequestContext, status: int, tokens: Tokens | None) -> None:

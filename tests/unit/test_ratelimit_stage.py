@@ -19,7 +19,7 @@ from gateway.stages.ratelimit import (
     build_ratelimit_stages,
     key_part,
 )
-from gateway.stages.usage import UsageStage, build_usage_stages
+from gateway.stages.usage import ANSWERED, UsageStage, build_usage_stages
 from gateway.store.memory import process_store
 
 _RUN = itertools.count()
@@ -188,6 +188,9 @@ def test_tokens_reserve_the_estimate_and_settle_to_the_usage() -> None:
         raw = json.dumps(answer).encode()
         assert await f.on_chunk(raw[:10]) + await f.on_chunk(raw[10:]) == raw
         assert await f.on_end() == b""
+        assert c.usage.input_tokens == 0  # priced and settled once the answer has left:
+        usage.on_finish(c)
+        assert ANSWERED not in c.notes and RESERVATION not in c.notes
         assert (c.usage.input_tokens, c.usage.output_tokens, c.usage.estimated) == (20, 30, False)
         assert abs(c.usage.cost_usd - (20 * 0.01 + 30 * 0.02) / 1000) < 1e-12
         key = res.tokens[0].key

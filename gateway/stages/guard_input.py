@@ -66,11 +66,12 @@ class InputGuardStage:
         return self.rules.scan(normalise(text, self.decode))
 
     def prepare(self, ctx: RequestContext) -> None:
-        """Ahead of its turn, while the rate limit waits on its store: the rules' verdicts on
-        the prompt fields, by text (pure; what is recorded and denied is decided in turn)."""
+        """Ahead of its turn, while the rate limit waits on its store: the prompt fields and
+        the rules' verdicts on them, by text, for the body as it is now (pure: what is
+        recorded, rewritten and denied is decided in turn)."""
         assert ctx.ahead is not None
         try:
-            slots = self._slots(ctx)[0]
+            slots, doc, pairs = self._slots(ctx)
         except extract.BadBody:
             return  # reported in turn
         max_chars = self.cfg.max_chars
@@ -79,7 +80,7 @@ class InputGuardStage:
             text = strip_control(slot.text) if self.strip else slot.text
             if max_chars is None or len(text) <= max_chars:
                 found[text] = self.verdict(text)
-        ctx.ahead[self.name] = found
+        ctx.ahead[self.name] = (ctx.body, slots, doc, pairs, found)
 
     def _slots(self, ctx: RequestContext) -> tuple[list[extract.Slot], Any, list[list[str]]]:
         doc: Any = None
@@ -105,14 +106,20 @@ class InputGuardStage:
 
     async def on_request(self, ctx: RequestContext) -> Deny | None:
         """Check every prompt field; deny, rewrite or let the request go on."""
-        try:
-            slots, doc, pairs = self._slots(ctx)
-        except extract.BadBody as exc:
-            return Deny(400, "invalid_request", str(exc))
+        ahead = ctx.ahead
+        pre = ahead.get(self.name) if ahead else None
+        found: dict[str, Verdict | None] | None = None
+        if pre is not None and pre[0] is ctx.body:  # prepared for this very body
+            _, slots, doc, pairs, found = pre
+        else:
+            try:
+                slots, doc, pairs = self._slots(ctx)
+            except extract.BadBody as exc:
+                return Deny(400, "invalid_request", str(exc))
         ctx.prompt_texts = [slot.text for slot in slots]  # logged only if telemetry opts in
         changed = False
         for slot in slots:
-            deny, new = self._check(ctx, slot.text)
+            deny, new = self._check(ctx, slot.text, found)
             if deny is not None:
                 return deny
             if new is not None:
@@ -123,8 +130,11 @@ class InputGuardStage:
         outcome.set_header(ctx.response_headers, ctx)
         return None
 
-    def _check(self, ctx: RequestContext, text: str) -> tuple[Deny | None, str | None]:
-        """The Deny for one field, or its rewritten text (None: unchanged)."""
+    def _check(
+        self, ctx: RequestContext, text: str, found: dict[str, Verdict | None] | None
+    ) -> tuple[Deny | None, str | None]:
+        """The Deny for one field, or its rewritten text (None: unchanged); ``found``: the
+        verdicts :meth:`prepare` found, by text."""
         cfg = self.cfg
         new = strip_control(text) if self.strip else text
         if cfg.max_chars is not None and len(new) > cfg.max_chars:
@@ -136,8 +146,6 @@ class InputGuardStage:
             else:
                 outcome.record(ctx, "input", [("max_chars", "block")])
                 return self.too_long, None
-        ahead = ctx.ahead
-        found = ahead.get(self.name) if ahead else None
         verdict = found[new] if found is not None and new in found else self.verdict(new)
         if verdict is not None:
             if verdict.action == "sanitize":

@@ -64,6 +64,20 @@ def test_a_span_handed_to_the_child_encodes_exactly_as_the_original() -> None:
     assert len(capture.spans) == 2
     again = [rebuild(flatten(s)) for s in capture.spans]
     assert encode_spans(again) == encode_spans(capture.spans)
+    # the spans of one process share one resource and one scope object
+    assert again[0].resource is again[1].resource
+    assert again[0].instrumentation_scope is again[1].instrumentation_scope
+
+
+def test_resources_with_list_values_are_rebuilt_too() -> None:
+    capture = _Capture()
+    resource = Resource.create({"service.name": "svc", "tags": ["a", "b"]})
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(SimpleSpanProcessor(capture))
+    provider.get_tracer("gateway").start_span("one").end()
+    again = [rebuild(flatten(s)) for s in capture.spans]
+    assert again[0].resource == resource
+    assert encode_spans(again) == encode_spans(capture.spans)
 
 
 def test_a_dead_child_drops_spans_without_failing_the_caller() -> None:

@@ -100,6 +100,21 @@ _SCOPES: dict[Any, InstrumentationScope] = {}
 _MAX_CACHED = 64
 
 
+class _SharedResource(Resource):
+    """A resource whose hash is computed once: the OTLP encoder groups spans by resource,
+    hashing it for every span, and a Resource's hash serialises its attributes to JSON."""
+
+    def __init__(self, attributes: dict[str, Any], schema_url: str) -> None:
+        super().__init__(attributes, schema_url)
+        self._hash = super().__hash__()
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return super().__eq__(other)
+
+
 def _resource(attrs: dict[str, Any], schema_url: str) -> Resource:
     try:
         key = (tuple(attrs.items()), schema_url)
@@ -109,7 +124,7 @@ def _resource(attrs: dict[str, Any], schema_url: str) -> Resource:
     if found is None:
         if len(_RESOURCES) >= _MAX_CACHED:
             _RESOURCES.clear()
-        found = _RESOURCES[key] = Resource(attrs, schema_url)
+        found = _RESOURCES[key] = _SharedResource(attrs, schema_url)
     return found
 
 

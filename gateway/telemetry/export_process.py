@@ -162,7 +162,15 @@ class ProcessSpanProcessor(SpanProcessor):
     def __init__(
         self, cfg: TelemetryConfig, schedule_delay: float = 0.2, max_queue_size: int = 4096
     ) -> None:
+        # Imported here: the export child imports this module too, and must not create
+        # metric files of its own in a multiprocess metrics directory.
+        from gateway.telemetry.metrics import SPANS_DROPPED
+
+        self._full = SPANS_DROPPED.labels("queue_full")
+        self._gone = SPANS_DROPPED.labels("export_process_gone")
+        self._unpicklable = SPANS_DROPPED.labels("unpicklable")
         self._delay = schedule_delay
+        self._max = max_queue_size
         self._queue: collections.deque[Flat] = collections.deque(maxlen=max_queue_size)
         self._wake = threading.Condition()
         self._stopping = False
@@ -186,11 +194,15 @@ class ProcessSpanProcessor(SpanProcessor):
     def on_end(self, span: ReadableSpan) -> None:
         """Queue a finished sampled SDK span (the oldest are dropped when the queue is full)."""
         if span.context is not None and span.context.trace_flags.sampled:
-            self._queue.append(flatten(span))
+            self.record(flatten(span))
 
     def record(self, flat: Flat) -> None:
-        """Queue a finished span already flat (:class:`gateway.telemetry.spans.LeanSpan`)."""
-        self._queue.append(flat)
+        """Queue a finished span already flat (:class:`gateway.telemetry.spans.LeanSpan`);
+        when the queue is full the oldest gives way (counted)."""
+        queue = self._queue
+        if len(queue) == self._max:
+            self._full.inc()
+        queue.append(flat)
 
     def _run(self) -> None:
         while True:
@@ -208,10 +220,14 @@ class ProcessSpanProcessor(SpanProcessor):
         try:
             while queue:
                 batch.append(queue.popleft())
-            if not batch or self._broken:
+            if not batch:
+                return
+            if self._broken:
+                self._gone.inc(len(batch))
                 return
             data = pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception:  # an attribute value pickle cannot take: drop the batch, go on
+            self._unpicklable.inc(len(batch))
             log.exception("spans could not be handed to the export process; batch dropped")
             return
         stdin = self._child.stdin
@@ -220,6 +236,7 @@ class ProcessSpanProcessor(SpanProcessor):
             stdin.write(_HEADER.pack(len(data)) + data)
             stdin.flush()
         except (BrokenPipeError, OSError, ValueError):
+            self._gone.inc(len(batch))
             self._broken = True
             log.warning("the span export process is gone: spans are dropped from now on")
 

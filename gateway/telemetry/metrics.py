@@ -46,6 +46,14 @@ REQUEST_ERRORS = Counter(
     ["type"],
     registry=REGISTRY,
 )
+SPANS_DROPPED = Counter(
+    "gateway_spans_dropped_total",
+    "Finished sampled spans not handed to the exporter, by reason: queue_full (the export "
+    "process fell behind and the oldest queued spans gave way), export_process_gone, "
+    "unpicklable (an attribute value the pipe cannot carry).",
+    ["reason"],
+    registry=REGISTRY,
+)
 POLICY_INFO = Gauge(
     "gateway_policy_loaded_timestamp_seconds",
     "Unix time the policy in use was loaded.",

@@ -16,6 +16,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from gateway.policy.sections import TelemetryConfig
 from gateway.telemetry.export_process import ProcessSpanProcessor, flatten, rebuild
+from gateway.telemetry.metrics import SPANS_DROPPED
 from gateway.telemetry.spans import Flat
 from gateway.telemetry.tracing import Tracing
 
@@ -80,17 +81,38 @@ def test_resources_with_list_values_are_rebuilt_too() -> None:
     assert encode_spans(again) == encode_spans(capture.spans)
 
 
+def _dropped(reason: str) -> float:
+    return SPANS_DROPPED.labels(reason)._value.get()
+
+
 def test_a_dead_child_drops_spans_without_failing_the_caller() -> None:
     processor = ProcessSpanProcessor(TelemetryConfig(otlp_endpoint="http://127.0.0.1:9"))
     provider = TracerProvider()
     provider.add_span_processor(processor)
     processor._child.kill()
     processor._child.wait()
+    gone = _dropped("export_process_gone")
     for _ in range(3):
         provider.get_tracer("t").start_span("s").end()
         assert processor.force_flush()  # no exception reaches the request path
     assert processor._broken
+    assert _dropped("export_process_gone") == gone + 3  # counted, one a span
     provider.shutdown()
+
+
+def test_a_full_queue_drops_its_oldest_spans_and_counts_them() -> None:
+    processor = ProcessSpanProcessor(
+        TelemetryConfig(otlp_endpoint="http://127.0.0.1:9"), schedule_delay=60, max_queue_size=2
+    )
+    full, unpicklable = _dropped("queue_full"), _dropped("unpicklable")
+    for i in range(5):
+        processor.record(("span", i))
+    assert list(processor._queue) == [("span", 3), ("span", 4)]
+    assert _dropped("queue_full") == full + 3
+    processor.record(("span", lambda: None))  # pickle cannot carry it
+    processor.force_flush()
+    assert _dropped("unpicklable") == unpicklable + 2  # the whole batch
+    processor.shutdown()
 
 
 class _Ids(IdGenerator):

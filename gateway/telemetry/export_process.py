@@ -111,9 +111,6 @@ class _SharedResource(Resource):
     def __hash__(self) -> int:
         return self._hash
 
-    def __eq__(self, other: object) -> bool:
-        return super().__eq__(other)
-
 
 def _resource(attrs: dict[str, Any], schema_url: str) -> Resource:
     try:

@@ -395,6 +395,13 @@ class TelemetryConfig(Section):
     costs CPU to record and export (``python -m bench.speed`` at sampling 0.1: the full chain
     went from ~890 to ~1,120 req/s when they were turned off). Turn it on while investigating
     latency."""
+    export_priority: Literal["low", "idle"] = "low"
+    """CPU priority of the span-export process (one per worker). ``low``: ``nice`` 10, it
+    still gets its share of a busy machine. ``idle``: Linux ``SCHED_IDLE``, it runs only on
+    CPU nothing else wants, so its batches never delay requests (the full chain's p99 at
+    concurrency 1 fell ~1 ms on the bench machine), but while the cores are saturated it
+    falls behind and the oldest queued spans are dropped (``gateway_spans_dropped_total``).
+    Choose ``idle`` when tail latency matters more than complete traces under overload."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Level of the JSON logs (one ``info`` line per request)."""
     access_log: bool = True

@@ -176,6 +176,7 @@ class ProcessSpanProcessor(SpanProcessor):
             "endpoint": cfg.otlp_endpoint,
             "protocol": cfg.otlp_protocol,
             "log_level": cfg.log_level,
+            "priority": cfg.export_priority,
         }
         self._child = subprocess.Popen(
             [sys.executable, "-m", "gateway.telemetry.export_process", json.dumps(settings)],
@@ -303,6 +304,16 @@ def otlp_exporter(endpoint: str | None, protocol: str | None) -> SpanExporter | 
     return H(timeout=2)
 
 
+def _lower_priority(priority: str) -> None:
+    # Yield the CPU to the serving process: its requests wait, these spans can.
+    with contextlib.suppress(OSError, AttributeError):  # SCHED_IDLE is Linux only
+        if priority == "idle":
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            return
+    with contextlib.suppress(OSError):
+        os.nice(10)
+
+
 def main(argv: Sequence[str]) -> None:
     """The child: export every batch read from stdin until it closes."""
     from gateway.telemetry.logging import setup_logging
@@ -311,10 +322,8 @@ def main(argv: Sequence[str]) -> None:
     # Ctrl-C or a SIGTERM sent to the whole group does not drop the last batch.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # Yield the CPU to the serving process: its requests wait, these spans can.
-    with contextlib.suppress(OSError):
-        os.nice(10)
     settings = json.loads(argv[0])
+    _lower_priority(settings.get("priority", "low"))
     setup_logging(settings["log_level"])  # the exporter's warnings as JSON, as the gateway's
     exporter = otlp_exporter(settings["endpoint"], settings["protocol"])
     if exporter is None:

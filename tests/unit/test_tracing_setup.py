@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import time
+from collections.abc import Callable
 
 import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
@@ -32,6 +35,31 @@ def test_exporting_starts_a_child_that_ends_with_the_tracer() -> None:
     assert child.poll() is None  # running
     tracing.shutdown()
     assert child.poll() == 0  # it exits once its pipe is closed
+
+
+def _settled(read: Callable[[], int], want: int) -> int:
+    # the child lowers its own priority once it has started
+    deadline = time.monotonic() + 10
+    while (got := read()) != want and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return got
+
+
+@pytest.mark.parametrize("priority", ["low", "idle"])
+def test_the_export_child_yields_the_cpu(priority: str) -> None:
+    cfg = TelemetryConfig(otlp_endpoint="http://127.0.0.1:9", export_priority=priority)
+    processor = ProcessSpanProcessor(cfg)
+    pid = processor._child.pid
+    try:
+        if priority == "idle":
+            assert _settled(lambda: os.sched_getscheduler(pid), os.SCHED_IDLE) == os.SCHED_IDLE
+        else:
+            mine = os.getpriority(os.PRIO_PROCESS, 0)
+            nice = _settled(lambda: os.getpriority(os.PRIO_PROCESS, pid), min(19, mine + 10))
+            assert nice == min(19, mine + 10)
+            assert os.sched_getscheduler(pid) == os.SCHED_OTHER
+    finally:
+        processor.shutdown()
 
 
 class _Capture(SpanExporter):

@@ -369,6 +369,7 @@ static void conn_read(struct conn *c, int64_t now)
 			conn_reset(c, now);
 		return;
 	}
+	size_t have = c->len;   /* complete() empties the buffer */
 	n = parse_response(c->buf, c->len, &r);
 	if (n == 0 && eof && r.until_eof)
 		n = (long)c->len;
@@ -376,7 +377,8 @@ static void conn_read(struct conn *c, int64_t now)
 		return;
 	if (n > 0)
 		complete(c, &r);
-	if (n <= 0 || r.close || eof || c->sent < g.req_len || (size_t)n != c->len)
+	/* Bytes past the answer (or a request not fully sent) leave the connection out of step. */
+	if (n <= 0 || r.close || eof || c->sent < g.req_len || (size_t)n != have)
 		conn_reset(c, now);
 	else
 		idle_push(c);

@@ -9,6 +9,9 @@ and cost budgets, input and output guardrails, metrics, tracing exported at samp
 full chain with ``state.local_share: 0.1`` (an opt-in: limits decided in-process on room
 leased from Redis), and both with ``--workers 2``. Load: wrk -c32 -t2 POST of a 1 KB chat
 body; then a fixed 500 req/s open-loop run, direct vs each full chain, for the latency added.
+In the fixed-rate runs each gateway also reports its own view, from its
+``gateway_added_latency_seconds`` histogram (p50/p99 interpolated inside the buckets): the
+time it added, without the loopback hops the client's figure also carries.
 RSS of each full-chain worker is sampled under load, and each gateway's CPU time (its serving
 processes, ``/proc``) per request served: the throughput ratios without the noise of how much
 of the two cores the other processes left it. Results: stdout, ``bench/results/speed.json``;
@@ -35,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -168,6 +172,7 @@ def measure(duration: int, rate: int, workers: bool = True, rounds: int = 1) -> 
                     ("full chain, local_share, 2 workers", shared_text, 2),
                 ]
             gateways: dict[str, subprocess.Popen[bytes]] = {}
+            admins = {"pass-through": admin_port(work / "bare")}
             targets: dict[str, tuple[int, dict[str, str] | None]] = {
                 "direct": (up_port, None),
                 "nginx": (ngx_port, None),
@@ -182,6 +187,7 @@ def measure(duration: int, rate: int, workers: bool = True, rounds: int = 1) -> 
                 procs.append(proc)
                 gateways[name] = proc
                 targets[name] = (port, None)
+                admins[name] = admin_port(work / f"chain{i}")
             token = make_token(work / "chain0" / "policy.yaml")
             auth = {"Authorization": f"Bearer {token}"}
             for name, _, _ in chains:
@@ -232,10 +238,17 @@ def measure(duration: int, rate: int, workers: bool = True, rounds: int = 1) -> 
                 run_wrk(url, duration_s=2, rate=rate, method="POST", body=body, headers=headers)
                 proc = serving.get(name)
                 cpu = cpu_seconds([proc.pid]) if proc is not None else 0.0
+                admin = admins.get(name)
+                before = added_buckets(admin) if admin else {}
                 run = run_wrk(
                     url, duration_s=duration, rate=rate, method="POST", body=body, headers=headers
                 )
-                if proc is not None:
+                if admin:
+                    # The gateway's own view: its duration less the upstream's time, without
+                    # the client's side of the loopback.
+                    delta = _delta(added_buckets(admin), before)
+                    run["own_p50_ms"] = bucket_quantile(delta, 0.5)
+                    run["own_p99_ms"] = bucket_quantile(delta, 0.99)
                     # At a fixed rate the gateway sleeps between requests; what a request then
                     # costs, against the closed-loop figure, is what `python -m bench.machine`
                     # explains.
@@ -248,6 +261,50 @@ def measure(duration: int, rate: int, workers: bool = True, rounds: int = 1) -> 
                 stop_process(proc)
             sink.shutdown()
     return out
+
+
+def admin_port(workdir: Path) -> int:
+    """The admin port :func:`bench.proxy.start_gateway` wrote into ``workdir``'s policy."""
+    text = (workdir / "policy.yaml").read_text()
+    return int(text.split("admin_listen: 127.0.0.1:", 1)[1].split()[0])
+
+
+def added_buckets(port: int) -> dict[float, float]:
+    """Cumulative ``gateway_added_latency_seconds`` buckets (all endpoints): upper bound in
+    seconds → count."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    out: dict[float, float] = {}
+    for line in text.splitlines():
+        if line.startswith("gateway_added_latency_seconds_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            bound = float("inf") if le == "+Inf" else float(le)
+            out[bound] = out.get(bound, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def _delta(after: dict[float, float], before: dict[float, float]) -> dict[float, float]:
+    return {le: n - before.get(le, 0.0) for le, n in after.items()}
+
+
+def bucket_quantile(buckets: dict[float, float], q: float) -> float | None:
+    """``q``-quantile in ms from cumulative buckets, interpolated linearly inside the bucket
+    as Prometheus' ``histogram_quantile`` does; None without observations."""
+    bounds = sorted(buckets)
+    total = buckets[bounds[-1]] if bounds else 0.0
+    if total <= 0:
+        return None
+    rank, lower, below = q * total, 0.0, 0.0
+    for bound in bounds:
+        count = buckets[bound]
+        if count >= rank:
+            if bound == float("inf"):
+                return lower * 1000
+            inside = count - below
+            frac = (rank - below) / inside if inside else 1.0
+            return (lower + (bound - lower) * frac) * 1000
+        lower, below = bound, count
+    return lower * 1000
 
 
 def summarise(res: dict[str, Any]) -> list[str]:
@@ -315,16 +372,20 @@ def _fixed_rate_table(f: dict[str, Any]) -> list[str]:
         f"At a fixed {f['rate']} req/s (open loop, `{direct.get('generator', '?')}`, 32 "
         "connections), the same body:",
         "",
-        "| target | p50 / p99 ms | added p50 / p99 ms | gateway CPU µs/req |",
-        "|---|---|---|---|",
+        "| target | p50 / p99 ms | added p50 / p99 ms | gateway's own p50 / p99 ms "
+        "| gateway CPU µs/req |",
+        "|---|---|---|---|---|",
     ]
     for name, r in f.items():
         if not isinstance(r, dict):
             continue
-        added = "— | —"
+        added = "— | — | —"
         if name != "direct":
             add50, add99 = r["p50_ms"] - direct["p50_ms"], r["p99_ms"] - direct["p99_ms"]
-            added = f"+{add50:.2f} / +{add99:.2f} | {r.get('cpu_us_per_req', '—')}"
+            own = "—"
+            if r.get("own_p50_ms") is not None:
+                own = f"{r['own_p50_ms']:.2f} / {r['own_p99_ms']:.2f}"
+            added = f"+{add50:.2f} / +{add99:.2f} | {own} | {r.get('cpu_us_per_req', '—')}"
         lines.append(f"| {name} | {r['p50_ms']:.2f} / {r['p99_ms']:.2f} | {added} |")
     return lines
 

@@ -276,6 +276,8 @@ async def _handle(
                 for span in spans:
                     span.end()
         finally:
+            if resp.finished_at:
+                ctx.upstream_waited = resp.finished_at - sent_at
             resp.close(reusable=resp.error_kind is None and not resp.abandoned)
             if resp.error_kind is not None:
                 metrics.UPSTREAM_ERRORS.labels(resp.error_kind).inc()

@@ -80,6 +80,9 @@ class RequestContext:
     (see :func:`gateway.pipeline.run_stages`); None otherwise."""
     upstream_seconds: float | None = None
     """Time to the upstream's response headers."""
+    upstream_waited: float = 0.0
+    """Seconds from sending the upstream request to the last byte of its answer (0: the
+    upstream did not answer completely): what ``gateway_added_latency_seconds`` subtracts."""
     _doc_of: bytes | None = None
     _doc: Any = None
     _doc_error: Exception | None = None

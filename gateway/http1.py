@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
+import time
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import cast
 
@@ -94,6 +95,7 @@ class Response:
         "complete",
         "content_length",
         "error_kind",
+        "finished_at",
         "head_only",
         "headers",
         "keep_alive",
@@ -111,6 +113,8 @@ class Response:
         self.content_length: int | None = None
         self.started = False  # a byte of the answer arrived
         self.complete = False
+        #: ``perf_counter`` when the answer's last byte arrived (0.0 until then).
+        self.finished_at = 0.0
         self.keep_alive = False
         #: Set when the body stream broke off (reset, timeout): the client's stream just ends.
         self.error_kind: str | None = None
@@ -175,6 +179,7 @@ class Response:
 
     def _finish(self, keep_alive: bool) -> None:
         self.complete = True
+        self.finished_at = time.perf_counter()
         self.keep_alive = keep_alive and not self._until_close
         self._wake()
 

@@ -32,6 +32,7 @@ class Recorder:
         self._http: dict[tuple[str, str, int], tuple[Update, Update]] = {}
         self._llm: dict[tuple[str, str, str], _LlmChildren] = {}
         self._inference: dict[tuple[str, str], Update] = {}
+        self._added: dict[str, Update] = {}
         self._estimated = fast_inc(m.ESTIMATED_USAGE)
 
     def model_label(self, model: str | None) -> str:
@@ -50,6 +51,11 @@ class Recorder:
             http = self._bind_http(method, name, status)
         http[0](1)
         http[1](elapsed)
+        if ctx.upstream_waited:
+            added = self._added.get(name)
+            if added is None:
+                added = self._added[name] = fast_observe(m.ADDED_LATENCY.labels(name))
+            added(max(0.0, elapsed - ctx.upstream_waited))
         usage = ctx.usage
         model = self.model_label(usage.model) if usage.model else None
         if ctx.upstream_seconds is not None and route.layer:

@@ -88,6 +88,7 @@ def test_the_seed_alerts_are_all_there() -> None:
         "GatewayConfigReloadFailed",
         "GatewayLayer3LatencyHigh",
         "GatewayLayer4LatencyHigh",
+        "GatewayAddedLatencyHigh",
         "GatewayStateStoreErrors",
         "GatewayStateStoreDegraded",
         "GatewayJwtCacheHitRateLow",

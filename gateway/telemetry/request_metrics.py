@@ -50,20 +50,7 @@ ADDED_LATENCY = Histogram(
     "upstream answered completely; waits on the state store (rate limits, budgets) count as "
     "added. Buckets at the 0.5 ms and 2 ms latency targets of the speed benchmark.",
     ["endpoint"],
-    buckets=(
-        0.0001,
-        0.00025,
-        0.0005,
-        0.001,
-        0.002,
-        0.005,
-        0.01,
-        0.025,
-        0.05,
-        0.1,
-        0.25,
-        1.0,
-    ),
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
     registry=REGISTRY,
 )
 INFERENCE_LATENCY = Histogram(

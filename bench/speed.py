@@ -249,6 +249,7 @@ def measure(duration: int, rate: int, workers: bool = True, rounds: int = 1) -> 
                     delta = _delta(added_buckets(admin), before)
                     run["own_p50_ms"] = bucket_quantile(delta, 0.5)
                     run["own_p99_ms"] = bucket_quantile(delta, 0.99)
+                if proc is not None:
                     # At a fixed rate the gateway sleeps between requests; what a request then
                     # costs, against the closed-loop figure, is what `python -m bench.machine`
                     # explains.

@@ -34,9 +34,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
+
+from prometheus_client.parser import text_string_to_metric_families
 
 _UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
 
@@ -331,6 +334,21 @@ def write_readme_section(start: str, end: str, lines: list[str]) -> None:
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
     readme.write_text(f"{head}{start}\n" + "\n".join(lines) + f"\n{end}{tail}")
+
+
+def metric_samples(admin_port: int, sample: str) -> list[tuple[dict[str, str], float]]:
+    """The ``sample`` series (e.g. ``gateway_state_errors_total``, or a histogram's
+    ``..._bucket``) on a gateway's ``/metrics``, as (labels, value), read with
+    prometheus-client's own text parser."""
+    url = f"http://127.0.0.1:{admin_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    return [
+        (s.labels, s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == sample
+    ]
 
 
 def rss_mb(pid: int) -> float:

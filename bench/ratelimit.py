@@ -38,7 +38,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -228,11 +227,8 @@ def script_instructions(workdir: Path) -> dict[str, float]:
 
 def _state_errors(admin: int) -> float:
     """``gateway_state_errors_total{op="hit"}`` of a gateway: Redis calls that timed out."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith('gateway_state_errors_total{op="hit"}'):
-                return float(line.split()[-1])
-    return 0.0
+    samples = bu.metric_samples(admin, "gateway_state_errors_total")
+    return sum(value for labels, value in samples if labels.get("op") == "hit")
 
 
 def latency_at_rate(redis_url: str, duration: int, repeat: int, workdir: Path) -> dict[str, Any]:

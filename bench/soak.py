@@ -44,7 +44,7 @@ from typing import Any
 
 import aiohttp
 
-from bench._util import free_port, rss_mb, stop_process, wait_port
+from bench._util import free_port, metric_samples, rss_mb, stop_process, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "soak.json"
@@ -214,15 +214,12 @@ class Soak:
     def metric(self, name: str, *labels: str) -> float:
         """The sum of the gateway's /metrics samples of ``name`` with all ``labels``
         (``'scope="route"'``)."""
-        import urllib.request
-
-        url = f"http://127.0.0.1:{self.admin}/metrics"
-        text = urllib.request.urlopen(url, timeout=5).read().decode()
-        total = 0.0
-        for line in text.splitlines():
-            if line.startswith(name + "{") and all(label in line for label in labels):
-                total += float(line.split()[-1])
-        return total
+        wanted = [label.split("=", 1) for label in labels]
+        return sum(
+            value
+            for got, value in metric_samples(self.admin, name)
+            if all(got.get(k) == v.strip('"') for k, v in wanted)
+        )
 
 
 def judge(soak: Soak, duration: float, warmup: float) -> dict[str, Any]:

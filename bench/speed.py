@@ -38,7 +38,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,7 @@ from bench._util import (
     free_port,
     json_body,
     median_by_rps,
+    metric_samples,
     run_wrk,
     start_nginx,
     stop_process,
@@ -273,14 +273,10 @@ def admin_port(workdir: Path) -> int:
 def added_buckets(port: int) -> dict[float, float]:
     """Cumulative ``gateway_added_latency_seconds`` buckets (all endpoints): upper bound in
     seconds → count."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
     out: dict[float, float] = {}
-    for line in text.splitlines():
-        if line.startswith("gateway_added_latency_seconds_bucket{"):
-            le = line.split('le="', 1)[1].split('"', 1)[0]
-            bound = float("inf") if le == "+Inf" else float(le)
-            out[bound] = out.get(bound, 0.0) + float(line.rsplit(" ", 1)[1])
+    for labels, value in metric_samples(port, "gateway_added_latency_seconds_bucket"):
+        bound = float(labels["le"])  # "+Inf" included
+        out[bound] = out.get(bound, 0.0) + value
     return out
 
 

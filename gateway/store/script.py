@@ -15,7 +15,11 @@ One call carries several *groups*, each the batch of one request, decided in ord
 each were its own call (a group sees what the groups before it counted). A key is read once
 and written once a call, however many groups touch it: under load most requests of a loop
 turn share their ip, user and route keys, and Redis' Lua interpreter, not the counting, is
-what each call costs (``python -m bench.ratelimit --script``).
+what each call costs (``python -m bench.ratelimit --script``). So the script keeps a key's
+state in one record made whole at once, and each counter of a group in another, rather than
+a table per field that grows a key at a time; it calls no helper functions; and it writes
+counts with ``%d`` rather than Lua's ``%.14g`` (a float formatter): 17% fewer instructions
+for a lone request than the table-per-field version (callgrind, ``--script --callgrind``).
 
 ``KEYS``: one per counter, the groups' counters one after the other. ``ARGV``: ``mode``
 (``hit`` or ``add``), ``now`` in ms (empty: ``TIME``), the number of groups, each group's
@@ -28,139 +32,159 @@ refund) and returns 1.
 from __future__ import annotations
 
 LIMIT_SCRIPT = """
-local function fdiv(x, d)
-  local r = math.fmod(x, d)
-  local q = (x - r) / d
-  if r < 0 then q = q - 1 end
-  return q
-end
-local function first_fit(period, prev, need)
-  return math.min(period, period + fdiv(-(need + 1) * period, prev) + 1)
-end
+local fmod, min, max, tonumber, fmt = math.fmod, math.min, math.max, tonumber, string.format
 local mode = ARGV[1]
+local hit = mode == 'hit'
 local now = tonumber(ARGV[2])
 if not now then
   local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + fdiv(tonumber(t[2]), 1000)
+  local us = tonumber(t[2])
+  local r = fmod(us, 1000)
+  now = tonumber(t[1]) * 1000 + (us - r) / 1000
 end
 local groups = tonumber(ARGV[3])
--- per key, as read and as counted so far: window, current, previous; rolled, dirty, spec
-local sw, sc, sp, rolled, dirty, sper, sela, sfix = {}, {}, {}, {}, {}, {}, {}, {}
-local order = {}
--- the groups repeat the same few numbers, and tonumber (strtod) is a good part of a call:
--- each string is converted once a call
+-- per key, in a record made whole at once (array part, no rehash):
+-- {window, current, previous, period, elapsed, fixed, rolled, dirty, key}
+local state, order = {}, {}
+-- each distinct number string converted once a call (strtod is a good part of a call)
 local num = {}
--- per counter (index k over the whole call)
-local lim, per, amt, fix, ela, c0, p0 = {}, {}, {}, {}, {}, {}, {}
-local elapsed = {}  -- ms into the current window, per period
+-- per counter of the current group: {limit, period, amount, fixed, elapsed, c0, p0, key}
+local cs = {}
 local out = {}
 local k = 0
 local b = 3 + groups
 for g = 1, groups do
   local n = tonumber(ARGV[3 + g])
-  local first = k + 1
-  for i = first, first + n - 1 do
-    local name = KEYS[i]
+  for j = 1, n do
+    local name = KEYS[k + j]
     local x = ARGV[b + 1]
-    local v = num[x]
-    if v == nil then v = tonumber(x) num[x] = v end
-    lim[i] = v
+    local lim = num[x]
+    if lim == nil then lim = tonumber(x) num[x] = lim end
     x = ARGV[b + 2]
     local pd = num[x]
     if pd == nil then pd = tonumber(x) num[x] = pd end
-    per[i] = pd
     x = ARGV[b + 3]
-    v = num[x]
-    if v == nil then v = tonumber(x) num[x] = v end
-    amt[i] = v
+    local amt = num[x]
+    if amt == nil then amt = tonumber(x) num[x] = amt end
     local fx = ARGV[b + 4] == '1'
-    fix[i] = fx
     b = b + 4
-    local e = elapsed[pd]
-    if not e then
-      e = math.fmod(now, pd)
-      elapsed[pd] = e
-    end
-    ela[i] = e
-    if sw[name] == nil then
+    local e = fmod(now, pd)
+    local st = state[name]
+    if st == nil then
       local win = (now - e) / pd
       local s = redis.call('HMGET', name, 'w', 'c', 'p')
       local w, c, p = tonumber(s[1]), tonumber(s[2]) or 0, tonumber(s[3]) or 0
+      local rolled = false
       if w ~= win then
         if w == win - 1 and not fx then p = c else p = 0 end
         c = 0
-        rolled[name] = true
+        rolled = true
       end
-      sw[name], sc[name], sp[name] = win, c, p
-      sper[name], sela[name], sfix[name] = pd, e, fx
-      order[#order + 1] = name
+      st = {win, c, p, pd, e, fx, rolled, false, name}
+      state[name] = st
+      order[#order + 1] = st
     end
     -- the group's checks all see the state before the group (a key twice is one counter)
-    c0[i], p0[i] = sc[name], sp[name]
+    cs[j] = {lim, pd, amt, fx, e, st[2], st[3], st}
   end
-  k = first + n - 1
+  k = k + n
   local failed = 0
-  if mode == 'hit' then
-    for i = first, k do
-      local w = c0[i]
-      if not fix[i] then w = fdiv(p0[i] * (per[i] - ela[i]), per[i]) + w end
-      if w + amt[i] > lim[i] then
-        failed = i - first + 1
+  if hit then
+    for j = 1, n do
+      local c = cs[j]
+      local w = c[6]
+      if not c[4] then
+        local pd = c[2]
+        local y = c[7] * (pd - c[5])
+        local r = fmod(y, pd)
+        local q = (y - r) / pd
+        if r < 0 then q = q - 1 end
+        w = q + w
+      end
+      if w + c[3] > c[1] then
+        failed = j
         break
       end
     end
   end
   if failed == 0 then
-    for i = first, k do
-      if amt[i] ~= 0 then
-        local name = KEYS[i]
-        local c, p = sc[name] + amt[i], sp[name]
-        if c < 0 then
-          p = math.max(0, p + c)
-          c = 0
+    for j = 1, n do
+      local c = cs[j]
+      local amt = c[3]
+      if amt ~= 0 then
+        local st = c[8]
+        local cur, p = st[2] + amt, st[3]
+        if cur < 0 then
+          p = max(0, p + cur)
+          cur = 0
         end
-        sc[name], sp[name], dirty[name] = c, p, true
+        st[2], st[3], st[8] = cur, p, true
       end
     end
   end
-  if mode == 'hit' then
-    out[#out + 1] = failed == 0 and 1 or 0
-    out[#out + 1] = failed
-    for i = first, k do
-      local name = KEYS[i]
-      local c, p = sc[name], sp[name]
+  if hit then
+    local o = #out
+    out[o + 1] = failed == 0 and 1 or 0
+    out[o + 2] = failed
+    o = o + 2
+    for j = 1, n do
+      local cj = cs[j]
+      local lim, pd, e, st = cj[1], cj[2], cj[5], cj[8]
+      local c, p = st[2], st[3]
+      local fx = cj[4]
       local w = c
-      if not fix[i] then w = fdiv(p * (per[i] - ela[i]), per[i]) + c end
-      local left = lim[i] - w
+      if not fx then
+        local y = p * (pd - e)
+        local r = fmod(y, pd)
+        local q = (y - r) / pd
+        if r < 0 then q = q - 1 end
+        w = q + c
+      end
+      local left = lim - w
       local need = 1
-      if i - first + 1 == failed then need = amt[i] end
-      out[#out + 1] = math.max(0, left)
-      local reset = per[i] - ela[i]
-      if not fix[i] and left < need then
-        local room = lim[i] - need - c
+      if j == failed then need = cj[3] end
+      local reset = pd - e
+      if not fx and left < need then
+        local room = lim - need - c
         if room >= 0 then
-          if p > room then reset = math.max(0, first_fit(per[i], p, room) - ela[i])
-          else reset = 0 end
-        elseif lim[i] - need >= 0 and c > lim[i] - need then
-          reset = reset + first_fit(per[i], c, lim[i] - need)
+          if p > room then
+            -- first_fit(pd, p, room)
+            local y = -(room + 1) * pd
+            local r = fmod(y, p)
+            local q = (y - r) / p
+            if r < 0 then q = q - 1 end
+            reset = max(0, min(pd, pd + q + 1) - e)
+          else
+            reset = 0
+          end
+        elseif lim - need >= 0 and c > lim - need then
+          local y = -(lim - need + 1) * pd
+          local r = fmod(y, c)
+          local q = (y - r) / c
+          if r < 0 then q = q - 1 end
+          reset = reset + min(pd, pd + q + 1)
         end
       end
-      out[#out + 1] = reset
+      out[o + 1] = max(0, left)
+      out[o + 2] = reset
+      o = o + 2
     end
   end
 end
-for _, name in ipairs(order) do
-  if dirty[name] then
-    redis.call('HSET', name, 'w', sw[name], 'c', sc[name], 'p', sp[name])
-    if rolled[name] then
-      if sfix[name] then
-        redis.call('PEXPIRE', name, sper[name] - sela[name] + 60000)
+for i = 1, #order do
+  local st = order[i]
+  if st[8] then
+    local name = st[9]
+    redis.call('HSET', name, 'w', fmt('%d', st[1]), 'c', fmt('%d', st[2]), 'p', fmt('%d', st[3]))
+    if st[7] then
+      if st[6] then
+        redis.call('PEXPIRE', name, st[4] - st[5] + 60000)
       else
-        redis.call('PEXPIRE', name, 2 * sper[name])
+        redis.call('PEXPIRE', name, 2 * st[4])
       end
     end
   end
 end
-if mode ~= 'hit' then return 1 end
+if not hit then return 1 end
 return out
 """

@@ -64,6 +64,39 @@ def test_script_gives_the_memory_store_answers(redis_server: RedisServer) -> Non
     asyncio.run(same_as_memory(redis_server.url, "eq"))
 
 
+async def shared_calls_as_memory(url: str, tag: str, steps: int = 150) -> int:
+    """Random requests of one loop turn, decided in shared script calls, get the answers the
+    memory store gives them one after the other in the same order."""
+    rs, ms = RedisStore(url, 1.0), MemoryStore()
+    rnd = random.Random(tag)
+    now, decided = T0, 0
+    try:
+        for _ in range(steps):
+            now += rnd.choice([1, 7, 60, 333, 999, 2500])
+            rs.now = now
+            batches = []
+            for _ in range(rnd.randint(1, 12)):
+                batch = []
+                for _ in range(rnd.randint(1, 4)):
+                    period, fixed = rnd.choice([1000, 2000, 60_000]), rnd.random() < 0.15
+                    key = f"{tag}:{{s{rnd.randint(0, 3)}}}:{period}:{fixed}"
+                    limit, amount = rnd.choice([1, 3, 10, 50]), rnd.choice([0, 1, 1, 2, 5])
+                    batch.append(Counter(key, limit, period, amount, fixed))
+                batches.append(batch)
+            theirs = await asyncio.gather(*(rs.hit(b) for b in batches))
+            for batch, verdict in zip(batches, theirs, strict=True):
+                ours = ms.hit_now(batch, now)
+                assert verdict == ours, (batch, verdict, ours)
+                decided += 1
+    finally:
+        await rs.close()
+    return decided
+
+
+def test_shared_calls_give_the_memory_store_answers(redis_server: RedisServer) -> None:
+    assert asyncio.run(shared_calls_as_memory(redis_server.url, "shared")) > 500
+
+
 def test_batches_of_one_loop_turn_share_a_call_with_sequential_answers(
     redis_server: RedisServer,
 ) -> None:

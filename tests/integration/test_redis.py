@@ -26,6 +26,21 @@ T0 = 1_800_000_000_000
 DAY = 86_400_000
 
 
+def random_batch(
+    rnd: random.Random, tag: str, slot: Callable[[int], int], amounts: list[int]
+) -> list[Counter]:
+    """One to four counters over a few keys (``slot`` picks the k-th counter's key), with
+    random periods, limits and ``amounts``; a few fixed windows."""
+    batch = []
+    for k in range(rnd.randint(1, 4)):
+        period = rnd.choice([1000, 2000, 60_000])
+        fixed = rnd.random() < 0.15
+        key = f"{tag}:{{s{slot(k)}}}:{period}:{fixed}"
+        limit, amount = rnd.choice([1, 3, 10, 50]), rnd.choice(amounts)
+        batch.append(Counter(key, limit, period, amount, fixed))
+    return batch
+
+
 async def same_as_memory(url: str, tag: str, steps: int = 400) -> None:
     """Random batches, hits and settlements give the same answers in Redis and in memory."""
     rs, ms = RedisStore(url, 1.0), MemoryStore()
@@ -35,13 +50,7 @@ async def same_as_memory(url: str, tag: str, steps: int = 400) -> None:
         for _ in range(steps):
             now += rnd.choice([1, 7, 60, 333, 999, 2500])
             rs.now = now
-            batch = []
-            for k in range(rnd.randint(1, 4)):
-                period = rnd.choice([1000, 2000, 60_000])
-                fixed = rnd.random() < 0.15
-                key = f"{tag}:{{s{k % 3}}}:{period}:{fixed}"
-                limit, amount = rnd.choice([1, 3, 10, 50]), rnd.choice([1, 1, 2, 5])
-                batch.append(Counter(key, limit, period, amount, fixed))
+            batch = random_batch(rnd, tag, lambda k: k % 3, [1, 1, 2, 5])
             if rnd.random() < 0.2:
                 fixes = [Counter(c.key, c.limit, c.period_ms, rnd.randint(-6, 6), c.fixed)
                          for c in batch]  # fmt: skip
@@ -74,15 +83,10 @@ async def shared_calls_as_memory(url: str, tag: str, steps: int = 150) -> int:
         for _ in range(steps):
             now += rnd.choice([1, 7, 60, 333, 999, 2500])
             rs.now = now
-            batches = []
-            for _ in range(rnd.randint(1, 12)):
-                batch = []
-                for _ in range(rnd.randint(1, 4)):
-                    period, fixed = rnd.choice([1000, 2000, 60_000]), rnd.random() < 0.15
-                    key = f"{tag}:{{s{rnd.randint(0, 3)}}}:{period}:{fixed}"
-                    limit, amount = rnd.choice([1, 3, 10, 50]), rnd.choice([0, 1, 1, 2, 5])
-                    batch.append(Counter(key, limit, period, amount, fixed))
-                batches.append(batch)
+            batches = [
+                random_batch(rnd, tag, lambda _: rnd.randint(0, 3), [0, 1, 1, 2, 5])
+                for _ in range(rnd.randint(1, 12))
+            ]
             theirs = await asyncio.gather(*(rs.hit(b) for b in batches))
             for batch, verdict in zip(batches, theirs, strict=True):
                 ours = ms.hit_now(batch, now)

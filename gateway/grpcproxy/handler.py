@@ -159,7 +159,7 @@ class Proxy:
     def _start_trace(self, ctx: RequestContext, carrier: dict[str, str], peer: str) -> None:
         tracing = self.tracing
         span = None
-        if tracing is not None and tracing.exporting:
+        if tracing is not None and tracing.records(carrier.get("traceparent")):
             service, name = self.metrics.labels(ctx.path)
             span = tracing.start_server_span(
                 ctx.path.lstrip("/"),
@@ -173,7 +173,7 @@ class Proxy:
                     "gateway.request_id": ctx.request_id,
                 },
             )
-        if span is None:  # not exporting, or a client's parent the sampler declined
+        if span is None:  # not sampled (ratio or the client's flag), or not exporting
             tid, sid, flags = light_context(carrier.get("traceparent"))
             ctx.trace_id, ctx.span_id = tid, sid
             ctx.traceparent = f"00-{tid}-{sid}-{flags}"

@@ -54,7 +54,7 @@ from gateway.pipeline import Pipeline
 from gateway.policy import load_policy_text
 from gateway.stages.ratelimit import build_ratelimit_stages
 from gateway.store.base import Counter
-from gateway.store.redis import RedisStore
+from gateway.store.redis import RedisStore, script_args
 from gateway.store.script import LIMIT_SCRIPT
 from gateway.telemetry import metrics
 
@@ -199,14 +199,12 @@ def _instructions(script: str, together: int, calls: int, workdir: Path) -> int:
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     bu.wait_port(port, timeout=60)
-    keys = [c.key for c in SCRIPT_COUNTERS]
-    spec = [x for c in SCRIPT_COUNTERS for x in (c.limit, c.period_ms, c.amount, int(c.fixed))]
-    argv = ["hit", "", together, *([len(keys)] * together), *(spec * together)]
+    keys, argv = script_args("hit", [SCRIPT_COUNTERS] * together, None)
     client = redis_py.Redis(port=port)
     sha = client.script_load(script)
     pipe = client.pipeline(transaction=False)
     for _ in range(calls):
-        pipe.evalsha(sha, len(keys) * together, *(keys * together), *argv)
+        pipe.evalsha(sha, len(keys), *keys, *argv)
     pipe.execute()
     with contextlib.suppress(redis_py.ConnectionError):
         client.shutdown(nosave=True)

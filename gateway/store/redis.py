@@ -137,13 +137,30 @@ def connect(url: str, timeout: float, password: str | None = None) -> tuple[Clie
     raise ValueError(f"unsupported state url scheme {parts.scheme!r}")
 
 
-def _argv(mode: str, groups: Sequence[Sequence[Counter]], now: int | None) -> list[Any]:
-    args: list[Any] = [mode, "" if now is None else now, len(groups)]
-    args += [len(g) for g in groups]
+def script_args(
+    mode: str, groups: Sequence[Sequence[Counter]], now: int | None
+) -> tuple[list[str], list[Any]]:
+    """The script's ``KEYS`` and ``ARGV`` for these groups (layout: :mod:`gateway.store.script`).
+
+    A counter the call already holds (same key and window) is sent once, as a slot the
+    groups refer to: under load a call's requests mostly share their ip and user keys, and
+    every argument is a string Redis makes and the script converts."""
+    keys: list[str] = []
+    specs: list[Any] = []
+    sizes: list[int] = []
+    pairs: list[Any] = []
+    slots: dict[str, tuple[int, int, int, bool]] = {}
     for counters in groups:
-        for c in counters:
-            args += (c.limit, c.period_ms, c.amount, 1 if c.fixed else 0)
-    return args
+        sizes.append(len(counters))
+        for key, limit, period, amount, fixed in counters:
+            slot = slots.get(key)
+            if slot is None or slot[1] != limit or slot[2] != period or slot[3] != fixed:
+                keys.append(key)
+                specs += (limit, -period if fixed else period)
+                slot = slots[key] = (len(keys), limit, period, fixed)
+            pairs += (slot[0], amount)
+    head = [mode, "" if now is None else now, len(keys), len(groups)]
+    return keys, head + specs + sizes + pairs
 
 
 #: Requests one script call decides at most; the rest of a loop turn's go in the next call
@@ -189,8 +206,7 @@ class RedisStore:
     async def _eval(
         self, mode: str, groups: Sequence[Sequence[Counter]], deadline: float | None = None
     ) -> list[int]:
-        keys = [c.key for counters in groups for c in counters]
-        argv = _argv(mode, groups, self.now)
+        keys, argv = script_args(mode, groups, self.now)
         if self.lean is not None:
             reply = await self.lean.evalsha(self._sha, LIMIT_SCRIPT, keys, argv, deadline)
         else:
@@ -234,7 +250,7 @@ class RedisStore:
         def build() -> tuple[list[str], list[Any]]:
             call.sealed = True
             groups = call.groups
-            return [c.key for g in groups for c in g], _argv("hit", groups, now)
+            return script_args("hit", groups, now)
 
         try:
             try:

@@ -6,7 +6,7 @@ VM's noise does not move.
 On the project's 2-core VM a gateway's CPU time a request under load drifts by ±20% from run
 to run (``python -m bench.speed``'s CPU column), more than most single changes are worth.
 valgrind's callgrind counts the instructions a process runs instead, which repeat within
-~0.5% for the same code and inputs. This starts nginx (the mock upstream, the bench's chat
+~0.7% for the same code and inputs. This starts nginx (the mock upstream, the bench's chat
 answer), ``redis-server`` and an OTLP sink as ``bench.speed`` does, then each gateway under
 ``valgrind --tool=callgrind`` with counting off; after 300 warm-up requests it counts the
 user-space instructions of ``--requests`` lone requests (one keep-alive connection, one

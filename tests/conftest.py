@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.otlp_receiver import OtlpReceiver
 from tests.procs import Gateway, MockLLM
 
 
@@ -38,3 +39,11 @@ def start_gateway(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
     yield start
     for gw in started:
         gw.stop()
+
+
+@pytest.fixture
+def otlp() -> Iterator[OtlpReceiver]:
+    """A real OTLP/HTTP receiver collecting the spans sent to ``otlp.url``."""
+    receiver = OtlpReceiver()
+    yield receiver
+    receiver.stop()

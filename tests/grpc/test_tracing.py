@@ -6,21 +6,10 @@ for a call with a valid ``traceparent`` (parent-based), on the gRPC listener as 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
-
 from tests.grpc.conftest import EchoService, StartGrpcGateway, Stubs, channel, plaintext_policy
 from tests.otlp_receiver import OtlpReceiver
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
-
-
-@pytest.fixture
-def otlp() -> Iterator[OtlpReceiver]:
-    receiver = OtlpReceiver()
-    yield receiver
-    receiver.stop()
 
 
 def _telemetry(otlp: OtlpReceiver, ratio: float) -> str:

@@ -168,7 +168,7 @@ def measure(requests: int, stages: bool) -> dict[str, Any]:
 def main() -> None:
     """Command line entry point."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--requests", type=int, default=300)
+    ap.add_argument("--requests", type=int, default=600)
     ap.add_argument("--stages", action="store_true", help="also the full chain less each part")
     args = ap.parse_args()
     res = measure(args.requests, args.stages)

@@ -475,17 +475,15 @@ async def _pump(resp: UpstreamResponse, filters: list[BodyFilter], send: Send) -
 async def _respond_buffered(
     resp: UpstreamResponse, head: ResponseHead, filters: list[BodyFilter], send: Send
 ) -> None:
-    body = resp.take(MAX_BUFFERED_RESPONSE)
-    if body is None:
-        parts: list[bytes] = []
-        total = 0
-        async for chunk in resp.chunks():
-            total += len(chunk)
-            if total > MAX_BUFFERED_RESPONSE:
-                resp.error_kind = "too_large"
-                break
-            parts.append(chunk)
-        body = b"".join(parts)
+    parts: list[bytes] = []
+    total = 0
+    async for chunk in resp.chunks():
+        total += len(chunk)
+        if total > MAX_BUFFERED_RESPONSE:
+            resp.error_kind = "too_large"
+            break
+        parts.append(chunk)
+    body = b"".join(parts)
     for f in filters:
         body = await f.on_chunk(body) + await f.on_end()
     headers = [(k, v) for k, v in head.headers if k != b"content-length"]

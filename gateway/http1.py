@@ -238,20 +238,6 @@ class Response:
                 timer.cancel()
                 self._waiter = None
 
-    def take(self, limit: int) -> bytes | None:
-        """The whole body when all of it has arrived and is at most ``limit`` bytes (taken:
-        the exchange is then over), else None and nothing is taken. Most small answers are
-        complete with their head: this spares them the async generator of :meth:`chunks`,
-        which the event loop registers in a WeakSet and unregisters in Python code."""
-        body = self._body
-        if not self.complete or self.error_kind is not None or len(body) > 1:
-            return None
-        if body and len(body[0]) > limit:
-            return None
-        self._buffered = 0
-        self._conn.resume_reading()
-        return body.popleft() if body else b""
-
     async def read(self) -> bytes:
         """The whole body (for bounded, declared-length bodies); raises UpstreamError."""
         if self.complete and len(self._body) <= 1:

@@ -127,40 +127,6 @@ def test_a_closed_exchange_is_freed_without_the_garbage_collector() -> None:
     asyncio.run(run())
 
 
-def test_take_gives_a_complete_body_and_leaves_any_other_to_chunks() -> None:
-    # A complete answer is taken without the async generator; one still arriving, or over
-    # the limit, is left whole for chunks() (nothing taken).
-    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            await read_request(reader)
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello")
-            await writer.drain()
-            await asyncio.sleep(0.05)
-            writer.write(b"world")
-            await writer.drain()
-
-    async def run() -> None:
-        async with Server(keep_alive_server) as srv:
-            up = upstream(srv.port)
-            resp = await up.request("GET", "/", [], None)
-            await asyncio.sleep(0.05)  # all of it arrived
-            assert resp.take(1) is None  # over the limit: left
-            assert resp.take(100) == b"ok"
-            resp.close()
-            assert await get(up) == b"ok"  # the connection is reusable
-            assert srv.connections == 1
-            await up.close()
-        async with Server(slow) as srv:
-            up = upstream(srv.port)
-            resp = await up.request("GET", "/", [], None)
-            assert resp.take(100) is None  # half of it so far
-            assert b"".join([c async for c in resp.chunks()]) == b"helloworld"
-            resp.close()
-            await up.close()
-
-    asyncio.run(run())
-
-
 def test_pool_limit_queues_then_times_out() -> None:
     async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:

@@ -5,8 +5,9 @@ VM's noise does not move.
 
 On the project's 2-core VM a gateway's CPU time a request under load drifts by ±20% from run
 to run (``python -m bench.speed``'s CPU column), more than most single changes are worth.
-valgrind's callgrind counts the instructions a process runs instead, which repeat within
-~0.7% for the same code and inputs. This starts nginx (the mock upstream, the bench's chat
+valgrind's callgrind counts the instructions a process runs instead: runs of the same code
+mostly agree within ~1% (up to 2%: the sampled spans and how many requests each usage write
+carries vary). This starts nginx (the mock upstream, the bench's chat
 answer), ``redis-server`` and an OTLP sink as ``bench.speed`` does, then each gateway under
 ``valgrind --tool=callgrind`` with counting off; after 300 warm-up requests it counts the
 user-space instructions of ``--requests`` lone requests (one keep-alive connection, one

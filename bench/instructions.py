@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._util import free_port, json_body, start_nginx, stop_process, wait_port
-from bench.proxy import ROOT
+from bench.proxy import ROOT, gateway_policy
 from bench.speed import ANSWER, PATH, SECRET, full_chain_policy, make_token, start_redis
 from bench.telemetry import _Sink
 
@@ -64,14 +64,6 @@ def callgrind_total(out: Path) -> int:
             if line.startswith(("totals:", "summary:")):
                 total = max(total, int(line.split()[1]))
     return total
-
-
-def _policy(port: int, admin: int, upstream: int, chain: str | None) -> str:
-    head = (
-        f"version: 1\nlisten: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\n"
-        f"upstream: {{url: 'http://127.0.0.1:{upstream}'}}\n"
-    )
-    return head + (chain if chain is not None else "telemetry: {log_level: warning}\n")
 
 
 def count(workdir: Path, policy: str, port: int, requests: int, auth: bool) -> int:
@@ -152,7 +144,7 @@ def measure(requests: int, stages: bool) -> dict[str, Any]:
             for i, (name, chain) in enumerate(variants):
                 (work / str(i)).mkdir()
                 port = free_port()
-                policy = _policy(port, free_port(), up, chain)
+                policy = gateway_policy(port, free_port(), up, chain or "", chain is not None)
                 total = count(work / str(i), policy, port, requests, chain is not None)
                 per = round(total / requests)
                 out["instructions_per_request"][name] = per

@@ -42,6 +42,22 @@ RESULTS = ROOT / "bench" / "results" / "proxy.json"
 PATH = "/v1/chat/completions"
 
 
+def gateway_policy(
+    port: int,
+    admin: int,
+    upstream_port: int,
+    policy_extra: str = "",
+    replace_telemetry: bool = False,
+) -> str:
+    """The bench gateway's policy text: listeners, the upstream, ``telemetry`` at ``warning``
+    unless ``replace_telemetry`` says ``policy_extra`` brings its own, then ``policy_extra``."""
+    telemetry = "" if replace_telemetry else "telemetry: {log_level: warning}\n"
+    return (
+        f"version: 1\nlisten: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\n"
+        f"upstream: {{url: 'http://127.0.0.1:{upstream_port}'}}\n" + telemetry + policy_extra
+    )
+
+
 def start_gateway(
     upstream_port: int,
     workdir: Path,
@@ -55,11 +71,7 @@ def start_gateway(
     unless ``replace_telemetry`` says ``policy_extra`` brings its own ``telemetry`` section."""
     port, admin = free_port(), free_port()
     policy = workdir / "policy.yaml"
-    telemetry = "" if replace_telemetry else "telemetry: {log_level: warning}\n"
-    policy.write_text(
-        f"version: 1\nlisten: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\n"
-        f"upstream: {{url: 'http://127.0.0.1:{upstream_port}'}}\n" + telemetry + policy_extra
-    )
+    policy.write_text(gateway_policy(port, admin, upstream_port, policy_extra, replace_telemetry))
     log = (workdir / "gateway.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway", "run", "-c", str(policy), *(extra_args or [])],

@@ -1,7 +1,7 @@
 """Instructions a request of the gateway, pass-through against the full chain: a figure this
 VM's noise does not move.
 
-    python -m bench.instructions [--requests 300] [--stages]
+    python -m bench.instructions [--requests 600] [--stages] [--multiprocess]
 
 On the project's 2-core VM a gateway's CPU time a request under load drifts by ±20% from run
 to run (``python -m bench.speed``'s CPU column), more than most single changes are worth.
@@ -15,7 +15,9 @@ request at a time, 2 ms apart: the shape of a request at a fixed low rate, so Re
 are not shared by several requests as under saturation). Kernel time (syscalls) and the
 span-export child are not counted. ``--stages`` adds the full chain without each of its
 parts (limits and budgets, guardrails, span export), so what each part costs can be read
-off. Prints the table; results in ``bench/results/instructions.json``. Needs valgrind
+off. ``--multiprocess`` runs each gateway with ``PROMETHEUS_MULTIPROC_DIR`` set, as
+``--workers`` does (one process still: the metrics' shared-file writes are what it shows).
+Prints the table; results in ``bench/results/instructions.json``. Needs valgrind
 (``apt-get install valgrind``) and what ``bench.speed`` needs. Each gateway takes ~30 s.
 """
 
@@ -111,7 +113,7 @@ def count(workdir: Path, policy: str, port: int, requests: int, auth: bool) -> i
     return total
 
 
-def measure(requests: int, stages: bool) -> dict[str, Any]:
+def measure(requests: int, stages: bool, multiprocess: bool = False) -> dict[str, Any]:
     """Run every variant; returns the results document."""
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         raise SystemExit("valgrind not found: apt-get install valgrind")
@@ -119,6 +121,7 @@ def measure(requests: int, stages: bool) -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {platform.python_version()}",
         "requests": requests,
+        "multiprocess": multiprocess,
         "instructions_per_request": {},
     }
     sink_port = free_port()
@@ -134,6 +137,9 @@ def measure(requests: int, stages: bool) -> dict[str, Any]:
             procs.append(start_redis(redis_port, work))
             wait_port(up)
             wait_port(redis_port)
+            if multiprocess:
+                (work / "metrics").mkdir()
+                os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(work / "metrics")
             full = full_chain_policy(redis_port, sink_port)
             variants: list[tuple[str, str | None]] = [("pass-through", None), ("full chain", full)]
             if stages:
@@ -153,6 +159,8 @@ def measure(requests: int, stages: bool) -> dict[str, Any]:
             for proc in reversed(procs):
                 stop_process(proc)
             sink.shutdown()
+            if multiprocess:
+                os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     per = out["instructions_per_request"]
     out["pass_through_over_full_chain"] = round(per["pass-through"] / per["full chain"], 3)
     return out
@@ -163,11 +171,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--requests", type=int, default=600)
     ap.add_argument("--stages", action="store_true", help="also the full chain less each part")
+    ap.add_argument(
+        "--multiprocess", action="store_true", help="metrics in multiprocess mode, as --workers"
+    )
     args = ap.parse_args()
-    res = measure(args.requests, args.stages)
+    res = measure(args.requests, args.stages, args.multiprocess)
     per = res["instructions_per_request"]
     full = per["full chain"]
-    print(f"\n{res['requests']} lone requests each, {res['date']}, {res['machine']}\n")
+    mode = ", metrics in multiprocess mode" if res["multiprocess"] else ""
+    print(f"\n{res['requests']} lone requests each{mode}, {res['date']}, {res['machine']}\n")
     print("| gateway | instructions a request | vs full chain |")
     print("|---|---|---|")
     for name, n in per.items():

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -51,6 +52,16 @@ def answered(gw: Gateway, status: str) -> float:
     )
 
 
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Until ``check()``: each worker writes its buffered metric updates every second
+    (``gateway.telemetry.metrics.flush``), so another worker's last requests may take that
+    long to show in the shared files and in a scrape."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
 def wait_workers_listening(gw: Gateway, workers: int = 2, timeout: float = 30.0) -> None:
     """Until every worker logged that it starts serving: its gRPC listener, when any, is up
     before that line, and its HTTP listeners listen a moment after it."""
@@ -89,6 +100,9 @@ def test_two_workers_share_ports_limits_and_metrics(
         # New connection each time: SO_REUSEPORT spreads them over both workers.
         codes = [httpx.get(f"{gw.url}/echo/x").status_code for _ in range(40)]
         assert codes.count(200) == 30 and codes.count(429) == 10  # one limit for both workers
+        wait_for(
+            "40 requests in the files", lambda: sum(requests_by_worker(metrics_dir).values()) == 40
+        )
         per_worker = requests_by_worker(metrics_dir)
         assert len(per_worker) == 2 and all(n > 0 for n in per_worker.values()), per_worker
         assert answered(gw, "200") == 30
@@ -111,11 +125,14 @@ def test_two_workers_share_ports_limits_and_metrics(
                 break
             time.sleep(0.1)
         assert httpx.get(f"{gw.url}/echo/x").status_code == 429
-        assert answered(gw, "429") == 11
+        wait_for("the 11th 429 in a scrape", lambda: answered(gw, "429") == 11)
+        # Answered just before the stop: a worker writes its buffered updates as it stops.
+        assert httpx.get(f"{gw.url}/echo/x").status_code == 429
     finally:
         code = gw.stop()
     log = gw.log_path.read_text()
     assert code == 0, log
+    assert sum(requests_by_worker(metrics_dir).values()) == 42
     assert '"workers stopped", "code": 0' in log
 
 

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from gateway.context import Identity, RequestContext
 from gateway.policy import load_policy_text
 from gateway.routes import CompiledRoute
-from gateway.telemetry.metrics import REGISTRY, fast_inc, fast_observe
+from gateway.telemetry.metrics import REGISTRY, fast_inc, fast_observe, flush
 from gateway.telemetry.recorder import Recorder
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.4, 0.5, 1.0, 1.5, 2.5, 5.0, 10.0)
@@ -55,6 +55,32 @@ def test_fast_inc_gives_the_library_samples() -> None:
         ca.inc(amount)
         cb(amount)
         assert samples(a) == samples(b)
+
+
+def test_buffered_updates_reach_the_samples_at_flush() -> None:
+    """With workers the request path's updates are added up and written at ``flush``: the
+    samples then hold what the library's own calls give (sums up to float rounding)."""
+    a, ha, b, hb = twin_histograms()
+    slow, fast = ha.labels("chat"), fast_observe(hb.labels("chat"), buffer=True)
+    ca = Counter("c", "c", registry=a)
+    cb = fast_inc(Counter("c", "c", registry=b), buffer=True)
+    unwritten = samples(b)
+    for _ in range(3):
+        for amount in [x for x in AMOUNTS if x >= 0]:
+            slow.observe(amount)
+            fast(amount)
+            ca.inc(amount)
+            cb(amount)
+        assert samples(b) == unwritten  # nothing written before the flush
+        flush()
+        written = samples(b)
+        expected = samples(a)
+        assert [(n, lab) for n, lab, _ in written] == [(n, lab) for n, lab, _ in expected]
+        for (name, _, got), (_, _, want) in zip(written, expected, strict=True):
+            assert float(got) == pytest.approx(float(want), rel=1e-12), name
+        flush()  # nothing left: a second flush writes nothing
+        assert samples(b) == written
+        unwritten = written
 
 
 def test_fast_updates_fall_back_to_the_public_methods() -> None:

@@ -9,15 +9,16 @@ says how its workers' values combine (``multiprocess_mode``).
 the library's public ``inc``/``observe`` spend as long on per-call checks (observable, sign,
 exemplar) and a linear bucket scan as on the update itself, and a request makes several.
 
-With workers, the request path's updates are *buffered*: each sample's amount is added up in
-the process and written to the shared file by :func:`flush` every second (with the gauges),
-before this worker answers a scrape, and when it stops. A write to the shared file takes the
-library's lock and packs the value into the file (``inc`` 2.0 µs, ``observe`` 4.3 µs, against
-0.36 and 1.3 µs in one process); a full-chain request makes nine of them, ~27 µs, ~6% of its
-instructions (``python -m bench.instructions --multiprocess``). The price, an explicit
-choice: another worker's last second of requests may not be in a scrape yet, and a worker
-killed with SIGKILL (or crashing) loses its last second of counts; a worker that stops
-normally loses nothing.
+The request path's updates are *buffered*: each sample's amount is added up in the process
+and written to the sample by :func:`flush` before the process answers a scrape, when it
+stops, and with workers every second (with the gauges). With workers a write goes to the
+shared file, taking the library's lock and packing the value into the file (``inc`` 2.0 µs,
+``observe`` 4.3 µs, against 0.36 and 1.3 µs in one process); a full-chain request makes nine,
+~27 µs, ~6% of its instructions (``python -m bench.instructions --multiprocess``); in one
+process buffering saves ~1.4%. A scrape of one process is exact. The price with workers, an
+explicit choice: another worker's last second of requests may not be in a scrape yet, and a
+worker killed with SIGKILL (or crashing) loses its last second of counts; a worker that
+stops normally loses nothing.
 """
 
 from __future__ import annotations
@@ -192,8 +193,8 @@ class _Buffered:
 _BUFFERED: list[_Buffered] = []
 
 
-def _buffered(write: Update, buffer: bool | None) -> Update:
-    if not (MULTIPROCESS if buffer is None else buffer):
+def _buffered(write: Update, buffer: bool) -> Update:
+    if not buffer:
         return write
     held = _Buffered(write)
     _BUFFERED.append(held)  # bounded: one a bound child, and label sets are closed
@@ -210,17 +211,17 @@ def flush() -> None:
             held.write(amount)
 
 
-def fast_inc(child: Counter, buffer: bool | None = None) -> Update:
+def fast_inc(child: Counter, buffer: bool = True) -> Update:
     """``child.inc`` without its per-call checks, for a bound child and amounts the caller
     knows are not negative (the library refuses those: pass them to ``child.inc`` to keep its
     error). Falls back to ``child.inc`` if the library's internals are not as expected.
-    ``buffer`` (default: with workers) adds up the amounts until :func:`flush`; only for
-    updates made on the event loop's thread."""
+    ``buffer`` adds up the amounts until :func:`flush`: only for updates made on the event
+    loop's thread (the request path's), which is where scrapes are answered."""
     inc = getattr(getattr(child, "_value", None), "inc", None)
     return _buffered(inc, buffer) if callable(inc) else child.inc
 
 
-def fast_observe(child: Histogram, buffer: bool | None = None) -> Update:
+def fast_observe(child: Histogram, buffer: bool = True) -> Update:
     """``child.observe`` with a binary search for the bucket instead of a scan, and without the
     per-call checks, for a bound child; the same updates in the same order (the sum, then the
     one bucket the library would pick). Falls back to ``child.observe`` if the library's

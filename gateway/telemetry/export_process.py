@@ -8,6 +8,11 @@ bench machine. Here the serving process records its spans as plain values
 thread); the child rebuilds them as SDK spans and exports them with the same OTLP exporter,
 on another core.
 
+The child gathers what the serving process hands it for up to :data:`GATHER_SECONDS` (or
+until :data:`MAX_EXPORT_BATCH` spans wait) and sends them in one OTLP request: the exporter's
+HTTP request costs as much as encoding ~60 spans (requests' session machinery: proxies from
+the environment, adapters), and the serving process hands over a batch every 0.2 s.
+
 The child is ``python -m gateway.telemetry.export_process``, started by the serving process
 (one per worker) with the telemetry section as JSON in its arguments. It ignores SIGINT and
 SIGTERM and exits when its stdin closes: after the serving process's last batch at shutdown,
@@ -23,13 +28,15 @@ import json
 import logging
 import os
 import pickle
+import select
 import signal
 import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
-from typing import IO, TYPE_CHECKING, Any
+import time
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
@@ -47,6 +54,10 @@ log = logging.getLogger("gateway.tracing")
 _HEADER = struct.Struct("!I")
 MAX_EXPORT_BATCH = 512
 """Spans in one OTLP request at most."""
+GATHER_SECONDS = 1.0
+"""How long the child gathers spans before it sends them (sooner when MAX_EXPORT_BATCH wait):
+a span reaches the collector at most this much (plus the serving process's 0.2 s) after it
+ended; the SDK's own batch processor waits 5 s by default."""
 SHUTDOWN_WAIT = 5.0
 """Seconds shutdown waits for the last batch to be handed over, then for the child to export
 it (its exporter gives up on a collector after 2 s)."""
@@ -264,16 +275,54 @@ class ProcessSpanProcessor(SpanProcessor):
         return True
 
 
-def _read_batches(stream: IO[bytes]) -> Any:
+def _read_exact(fd: int, size: int) -> bytes:
+    """``size`` bytes from ``fd`` (fewer only at its end)."""
+    parts: list[bytes] = []
+    while size > 0:
+        part = os.read(fd, size)
+        if not part:
+            break
+        parts.append(part)
+        size -= len(part)
+    return b"".join(parts)
+
+
+def _read_batch(fd: int) -> list[Flat] | None:
+    """The next batch the serving process wrote to ``fd``; None at the end of the pipe."""
+    head = _read_exact(fd, _HEADER.size)
+    if len(head) < _HEADER.size:
+        return None
+    (size,) = _HEADER.unpack(head)
+    data = _read_exact(fd, size)
+    if len(data) < size:
+        return None
+    batch: list[Flat] = pickle.loads(data)
+    return batch
+
+
+def gathered(
+    fd: int, seconds: float = GATHER_SECONDS, most: int = MAX_EXPORT_BATCH
+) -> Iterator[list[Flat]]:
+    """The spans of the batches read from ``fd`` (the pipe, unbuffered: ``select`` sees what
+    is left to read), joined until ``seconds`` after the first of them or until ``most`` wait;
+    what is left when the pipe ends."""
+    pending: list[Flat] = []
+    since = 0.0
     while True:
-        head = stream.read(_HEADER.size)
-        if len(head) < _HEADER.size:
+        if pending:
+            wait = since + seconds - time.monotonic()
+            if len(pending) >= most or wait <= 0 or not select.select([fd], [], [], wait)[0]:
+                yield pending
+                pending = []
+                continue
+        batch = _read_batch(fd)
+        if batch is None:
+            if pending:
+                yield pending
             return
-        (size,) = _HEADER.unpack(head)
-        data = stream.read(size)
-        if len(data) < size:
-            return
-        yield pickle.loads(data)
+        if not pending:
+            since = time.monotonic()
+        pending += batch
 
 
 def endpoint_set(endpoint: str | None) -> bool:
@@ -329,7 +378,7 @@ def main(argv: Sequence[str]) -> None:
     if exporter is None:
         return
     try:
-        for batch in _read_batches(sys.stdin.buffer):
+        for batch in gathered(sys.stdin.fileno()):
             spans = [rebuild(flat) for flat in batch]
             for i in range(0, len(spans), MAX_EXPORT_BATCH):
                 exporter.export(spans[i : i + MAX_EXPORT_BATCH])

@@ -13,6 +13,7 @@ import aiohttp
 import httpx
 import pytest
 
+from gateway.telemetry.export_process import GATHER_SECONDS
 from tests.otlp_receiver import OtlpGrpcReceiver, OtlpReceiver
 from tests.procs import Gateway, MockLLM, free_port
 
@@ -118,7 +119,8 @@ def test_stage_spans_are_off_by_default(
     resp = httpx.post(f"{gw.url}/v1/chat/completions", json=body)
     assert resp.status_code == 200
     spans = otlp.wait_for(2)
-    time.sleep(0.5)  # a stage span would be exported in the same batch or the next one
+    # a stage span would be exported in the same gathering or the next one
+    time.sleep(GATHER_SECONDS + 0.5)
     assert sorted(s["name"] for s in otlp.spans) == ["POST chat", "upstream"]
     server = next(s for s in spans if s["kind"] == 2)
     assert server["attributes"]["gen_ai.request.model"] == "mock-gpt"

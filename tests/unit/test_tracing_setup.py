@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import pickle
 import sys
+import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
@@ -18,7 +21,13 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_contex
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from gateway.policy.sections import TelemetryConfig
-from gateway.telemetry.export_process import ProcessSpanProcessor, flatten, rebuild
+from gateway.telemetry.export_process import (
+    _HEADER,
+    ProcessSpanProcessor,
+    flatten,
+    gathered,
+    rebuild,
+)
 from gateway.telemetry.metrics import SPANS_DROPPED
 from gateway.telemetry.spans import Flat
 from gateway.telemetry.tracing import Tracing
@@ -233,3 +242,44 @@ def test_an_unsampled_parent_the_ratio_check_did_not_read_records_nothing() -> N
     tracing = Tracing(TelemetryConfig())
     carrier = {"traceparent": "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00-x"}
     assert tracing.start_server_span("s", carrier, {}) is None
+
+
+def test_the_child_gathers_batches_into_fewer_exports() -> None:
+    """Batches that arrive within the gathering time go out together; a batch on its own goes
+    out once that time has passed, with the pipe still open; ``most`` caps a gathering; what
+    is left goes out when the pipe ends, without waiting."""
+    read, write = os.pipe()
+    got: list[tuple[float, list[Any]]] = []
+    wrote: dict[int, float] = {}
+
+    def send(batch: list[Any]) -> None:
+        data = pickle.dumps(batch)
+        wrote[batch[0]] = time.monotonic()
+        os.write(write, _HEADER.pack(len(data)) + data)
+
+    def writer() -> None:
+        send([1, 2])
+        send([3])
+        time.sleep(0.05)
+        send([4])  # within the gathering time of [1, 2]
+        time.sleep(1.2)  # [1, 2, 3, 4] goes out meanwhile
+        send([5])
+        time.sleep(1.2)
+        send(list(range(10, 16)))  # over `most`: out at once
+        time.sleep(0.05)
+        send([20])
+        os.close(write)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        for batch in gathered(read, seconds=0.8, most=5):
+            got.append((time.monotonic(), batch))
+    finally:
+        thread.join()
+        os.close(read)
+    assert [batch for _, batch in got] == [[1, 2, 3, 4], [5], [10, 11, 12, 13, 14, 15], [20]]
+    at = [t for t, _ in got]
+    assert at[0] >= wrote[1] + 0.8  # it waited for more
+    assert at[1] >= wrote[5] + 0.8  # alone, out after the gathering time, the pipe open
+    assert at[3] < wrote[20] + 0.8  # the pipe's end, not the timer

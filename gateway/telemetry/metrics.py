@@ -190,21 +190,25 @@ class _Buffered:
         self.amount += amount
 
 
-_BUFFERED: list[_Buffered] = []
+_BUFFERED: dict[Update, _Buffered] = {}
+"""One buffer a sample, by its write method (bound methods of one object are equal): the
+pipelines that policy reloads build bind the same children again and share their buffers, so
+this stays as small as the label sets, which are closed."""
 
 
 def _buffered(write: Update, buffer: bool) -> Update:
     if not buffer:
         return write
-    held = _Buffered(write)
-    _BUFFERED.append(held)  # bounded: one a bound child, and label sets are closed
+    held = _BUFFERED.get(write)
+    if held is None:
+        held = _BUFFERED[write] = _Buffered(write)
     return held.add
 
 
 def flush() -> None:
     """Write the buffered amounts to their samples. Runs on the event loop's thread, as do
     the updates (the serving process's request path), so no update is lost in between."""
-    for held in _BUFFERED:
+    for held in _BUFFERED.values():
         amount = held.amount
         if amount:
             held.amount = 0.0

@@ -83,6 +83,27 @@ def test_buffered_updates_reach_the_samples_at_flush() -> None:
         unwritten = written
 
 
+def test_binding_a_child_again_shares_its_buffer() -> None:
+    """Each policy reload binds the request path's children again: they share one buffer a
+    sample, so the buffers do not grow with reloads and every amount is written once."""
+    from gateway.telemetry import metrics
+
+    registry = CollectorRegistry()
+    child = Counter("c", "c", ["model"], registry=registry).labels("m")
+    before = len(metrics._BUFFERED)
+    updates = [fast_inc(child) for _ in range(5)]
+    histogram = Histogram("h", "h", buckets=BUCKETS, registry=registry)
+    observes = [fast_observe(histogram) for _ in range(5)]
+    assert len(metrics._BUFFERED) == before + 1 + 1 + len(BUCKETS) + 1  # inf bucket, sum
+    for update, observe in zip(updates, observes, strict=True):
+        update(2)
+        observe(0.3)
+    flush()
+    assert registry.get_sample_value("c_total", {"model": "m"}) == 10
+    assert registry.get_sample_value("h_count") == 5
+    assert registry.get_sample_value("h_sum") == pytest.approx(1.5)
+
+
 def test_fast_updates_fall_back_to_the_public_methods() -> None:
     class Plain:
         def inc(self, amount: float = 1) -> None:

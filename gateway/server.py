@@ -215,7 +215,7 @@ async def serve(path: Path, overrides: Overrides = Overrides(), worker: bool = F
         admin_srv.should_exit = True
         await admin_task
         await app.pipeline.close()
-        metrics.flush()  # the last requests' buffered metric updates (with workers)
+        metrics.flush()  # the last requests' metric updates: a worker's file outlives it
         await asyncio.get_running_loop().run_in_executor(None, tracing.shutdown)
     log.info("gateway stopped")
     return 0

@@ -23,6 +23,7 @@ stops normally loses nothing.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from bisect import bisect_left
@@ -30,6 +31,8 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
+
+log = logging.getLogger("gateway.metrics")
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
@@ -207,12 +210,17 @@ def _buffered(write: Update, buffer: bool) -> Update:
 
 def flush() -> None:
     """Write the buffered amounts to their samples. Runs on the event loop's thread, as do
-    the updates (the serving process's request path), so no update is lost in between."""
+    the updates (the serving process's request path), so no update is lost in between. A
+    write that fails (the shared file) is logged and its amount dropped: the others, and
+    the next flushes, still go."""
     for held in _BUFFERED.values():
         amount = held.amount
         if amount:
             held.amount = 0.0
-            held.write(amount)
+            try:
+                held.write(amount)
+            except Exception:
+                log.exception("writing a metric sample failed")
 
 
 def fast_inc(child: Counter, buffer: bool = True) -> Update:
@@ -227,10 +235,10 @@ def fast_inc(child: Counter, buffer: bool = True) -> Update:
 
 def fast_observe(child: Histogram, buffer: bool = True) -> Update:
     """``child.observe`` with a binary search for the bucket instead of a scan, and without the
-    per-call checks, for a bound child; the same updates in the same order (the sum, then the
-    one bucket the library would pick). Falls back to ``child.observe`` if the library's
-    internals are not as expected, and for NaN (which no bucket holds). ``buffer`` as for
-    :func:`fast_inc`."""
+    per-call checks, for a bound child; the same updates (the sum, then the one bucket the
+    library would pick), in the same order unbuffered. Falls back to ``child.observe`` if
+    the library's internals are not as expected, and for NaN (which no bucket holds).
+    ``buffer`` as for :func:`fast_inc`."""
     bounds = getattr(child, "_upper_bounds", None)
     buckets = getattr(child, "_buckets", None)
     total = getattr(getattr(child, "_sum", None), "inc", None)

@@ -104,6 +104,30 @@ def test_binding_a_child_again_shares_its_buffer() -> None:
     assert registry.get_sample_value("h_sum") == pytest.approx(1.5)
 
 
+def test_a_failing_write_is_logged_and_the_others_still_go(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A write to the shared file that fails at a flush (the sampler's, a scrape's) must not
+    stop the other samples' writes, nor the flushes after it."""
+
+    class Broken:
+        class _value:  # prometheus-client's attribute name
+            @staticmethod
+            def inc(amount: float) -> None:
+                raise OSError("no space left on device")
+
+    registry = CollectorRegistry()
+    good = fast_inc(Counter("c", "c", registry=registry))
+    bad = fast_inc(cast(Any, Broken()))
+    for _ in range(2):
+        bad(1)
+        good(1)
+        with caplog.at_level("ERROR", logger="gateway.metrics"):
+            flush()
+    assert registry.get_sample_value("c_total") == 2
+    assert caplog.text.count("writing a metric sample failed") == 2
+
+
 def test_fast_updates_fall_back_to_the_public_methods() -> None:
     class Plain:
         def inc(self, amount: float = 1) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.procs import Gateway, MockLLM
+from tests.procs import Gateway, MockLLM, wait_for
 
 StartGateway = Callable[..., Gateway]
 
@@ -27,15 +27,6 @@ def policy(upstream: str, max_body: str) -> str:
 
 def post_size(gw: Gateway, size: int) -> int:
     return httpx.post(f"{gw.url}/echo/x", content=b"a" * size).status_code
-
-
-def wait_for(check: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_reload_on_file_change_and_broken_file_keeps_old(

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.procs import Gateway, MockLLM
+from tests.procs import Gateway, MockLLM, wait_for
 from tests.redis_procs import RedisServer
 
 StartGateway = Callable[..., Gateway]
@@ -33,13 +33,6 @@ def policy(url: str, mode: str, limit: str = "6/day") -> str:
         f"        breaker_failures: 2, breaker_probe: 100ms, key_prefix: {mode}}}\n"
         f"rate_limits: {{per_ip: {limit}}}\n"
     )
-
-
-def wait_for(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
 
 
 class Load:
@@ -74,10 +67,13 @@ def test_redis_killed_and_restarted_under_load(
     gws = {m: start_gateway(policy(redis.url, m), mock_llm.url, name=f"{m}.yaml") for m in MODES}
     load = Load(gws)
     for gw in gws.values():  # every limit is used up through Redis first
-        wait_for(lambda gw=gw: gw.metric("gateway_ratelimit_rejections_total", {"scope": "ip"}) > 0)
+        assert wait_for(
+            lambda gw=gw: gw.metric("gateway_ratelimit_rejections_total", {"scope": "ip"}) > 0,
+            timeout=10.0,
+        )
     redis.kill()
     for gw in gws.values():
-        wait_for(lambda gw=gw: gw.metric("gateway_state_degraded") == 1)
+        assert wait_for(lambda gw=gw: gw.metric("gateway_state_degraded") == 1, timeout=10.0)
     errors = {m: gw.metric("gateway_state_errors_total", {"op": "hit"}) for m, gw in gws.items()}
     time.sleep(1.0)  # the outage goes on, the load too
     for mode, gw in gws.items():
@@ -93,7 +89,7 @@ def test_redis_killed_and_restarted_under_load(
 
     redis.start()  # empty again: no persistence
     for gw in gws.values():
-        wait_for(lambda gw=gw: gw.metric("gateway_state_degraded") == 0)
+        assert wait_for(lambda gw=gw: gw.metric("gateway_state_degraded") == 0, timeout=10.0)
     for mode, gw in gws.items():
         codes = [httpx.get(f"{gw.url}/echo/after").status_code for _ in range(8)]
         assert codes == [200] * 6 + [429] * 2, mode  # shared limits enforced again
@@ -118,7 +114,7 @@ def test_hung_redis_times_out_then_the_breaker_opens(
             assert gw.metric("gateway_state_degraded") == 1
         finally:
             redis.resume()
-        wait_for(lambda: gw.metric("gateway_state_degraded") == 0)
+        assert wait_for(lambda: gw.metric("gateway_state_degraded") == 0, timeout=10.0)
         resp = client.get("/echo/x")
         # 1 before + this one; the two timed-out calls may still have run once Redis woke up
         # (a timeout can over-count, never under-count)

@@ -7,14 +7,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.procs import ROOT, Gateway, MockLLM
+from tests.procs import ROOT, Gateway, MockLLM, wait_for
 from tests.redis_procs import RedisServer, redis_server
 
 __all__ = ["redis_server"]  # the module-scoped fixture
@@ -50,16 +49,6 @@ def answered(gw: Gateway, status: str) -> float:
         for sample in family.samples
         if sample.name == "http_requests_total" and sample.labels.get("status") == status
     )
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Until ``check()``: each worker writes its buffered metric updates every second
-    (``gateway.telemetry.metrics.flush``), so another worker's last requests may take that
-    long to show in the shared files and in a scrape."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
 
 
 def wait_workers_listening(gw: Gateway, workers: int = 2, timeout: float = 30.0) -> None:
@@ -100,8 +89,10 @@ def test_two_workers_share_ports_limits_and_metrics(
         # New connection each time: SO_REUSEPORT spreads them over both workers.
         codes = [httpx.get(f"{gw.url}/echo/x").status_code for _ in range(40)]
         assert codes.count(200) == 30 and codes.count(429) == 10  # one limit for both workers
-        wait_for(
-            "40 requests in the files", lambda: sum(requests_by_worker(metrics_dir).values()) == 40
+        # Each worker writes its buffered metric updates every second: another worker's last
+        # requests may take that long to reach the shared files and a scrape.
+        assert wait_for(lambda: sum(requests_by_worker(metrics_dir).values()) == 40), (
+            requests_by_worker(metrics_dir)
         )
         per_worker = requests_by_worker(metrics_dir)
         assert len(per_worker) == 2 and all(n > 0 for n in per_worker.values()), per_worker
@@ -125,7 +116,7 @@ def test_two_workers_share_ports_limits_and_metrics(
                 break
             time.sleep(0.1)
         assert httpx.get(f"{gw.url}/echo/x").status_code == 429
-        wait_for("the 11th 429 in a scrape", lambda: answered(gw, "429") == 11)
+        assert wait_for(lambda: answered(gw, "429") == 11), answered(gw, "429")
         # Answered just before the stop: a worker writes its buffered updates as it stops.
         assert httpx.get(f"{gw.url}/echo/x").status_code == 429
     finally:

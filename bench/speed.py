@@ -214,21 +214,31 @@ def measure(duration: int, rate: int, workers: bool = True, rounds: int = 1) -> 
                 helpers = [c for pid in pids for c in children(pid)]
                 # everything else a request makes work for on the same cores: the export
                 # processes, Redis, the upstream nginx (master and worker) and wrk itself
-                others = [*helpers, redis_pid, up_pid, *children(up_pid)]
+                parts = {
+                    "export": helpers,
+                    "redis": [redis_pid],
+                    "upstream": [up_pid, *children(up_pid)],
+                }
                 with contextlib.ExitStack() as stack:
                     peaks = [stack.enter_context(PeakRss(pid)) for pid in pids]
                     helper_peaks = [stack.enter_context(PeakRss(pid)) for pid in helpers]
-                    cpu, other_cpu, load_cpu = cpu_seconds(pids), cpu_seconds(others), _waited()
+                    cpu, load_cpu = cpu_seconds(pids), _waited()
+                    part_cpu = {k: cpu_seconds(v) for k, v in parts.items()}
                     run = run_wrk(
                         url, duration_s=duration, method="POST", body=body, headers=headers
                     )
                     cpu = cpu_seconds(pids) - cpu
-                    other_cpu = cpu_seconds(others) - other_cpu + _waited() - load_cpu
+                    part_cpu = {k: cpu_seconds(parts[k]) - v for k, v in part_cpu.items()}
+                    part_cpu["wrk"] = _waited() - load_cpu
+                    other_cpu = sum(part_cpu.values())
                 # The serving processes' CPU a request: what the throughput ratios measure,
                 # without the share of the cores the other processes left them.
                 done = max(1.0, run["rps"] * duration)
                 run["cpu_us_per_req"] = round(1e6 * cpu / done)
                 run["others_cpu_us_per_req"] = round(1e6 * other_cpu / done)
+                run["others_cpu_parts_us_per_req"] = {
+                    k: round(1e6 * v / done) for k, v in part_cpu.items()
+                }
                 samples[name].append(run)
                 if proc is bare:
                     continue
@@ -349,10 +359,14 @@ def summarise(res: dict[str, Any]) -> list[str]:
             f"{bare:.0f}% | {nginx:.1f}% | {cpu if cpu is not None else '—'} "
             f"| {others if others is not None else '—'} |"
         )
+    parts = t.get("full chain", {}).get("others_cpu_parts_us_per_req")
+    split = ""
+    if parts:
+        split = " Full chain's, by part: " + ", ".join(f"{k} {v}" for k, v in parts.items()) + "."
     lines += [
         "",
         "Others' CPU: the span-export processes, Redis, the upstream nginx and wrk, a request "
-        "(`/proc` and `getrusage`).",
+        "(`/proc` and `getrusage`)." + split,
     ]
     f = res["fixed_rate"]
     lines += _fixed_rate_table(f)

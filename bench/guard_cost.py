@@ -73,7 +73,9 @@ def _sync(coro: Any) -> Any:
 
 
 def _input_case(text: str) -> Callable[[], Any]:
-    stage = InputGuardStage(InputGuardConfig(rules=["prompt-injection"], max_chars=4000))
+    # No verdict cache: the same text every call would be answered from it.
+    cfg = InputGuardConfig(rules=["prompt-injection"], max_chars=4000, verdict_cache=0)
+    stage = InputGuardStage(cfg)
     body = json.dumps({"model": "m", "messages": [{"role": "user", "content": text}]}).encode()
     ctx = RequestContext({"query_string": b""}, "rid", ROUTE, "POST", "/", "127.0.0.1", [])
 
@@ -84,6 +86,32 @@ def _input_case(text: str) -> Callable[[], Any]:
         return _sync(stage.on_request(ctx))
 
     return call
+
+
+def _history_case(history: list[dict[str, str]], cache: int) -> Callable[[], Any]:
+    """A chat request that sends ``history`` again with a new user message every call."""
+    cfg = InputGuardConfig(rules=["prompt-injection"], max_chars=4000, verdict_cache=cache)
+    stage = InputGuardStage(cfg)
+    ctx = RequestContext({"query_string": b""}, "rid", ROUTE, "POST", "/", "127.0.0.1", [])
+    turn = iter(range(1 << 62))
+
+    def call() -> Any:
+        ask = {"role": "user", "content": f"{ENGLISH} (question {next(turn)})"}
+        ctx.body = json.dumps({"model": "m", "messages": [*history, ask]}).encode()
+        ctx.response_headers.clear()
+        ctx.notes.clear()
+        return _sync(stage.on_request(ctx))
+
+    return call
+
+
+def _history() -> list[dict[str, str]]:
+    """A 2 KB system prompt and eight earlier turns of ~300 characters each."""
+    out = [{"role": "system", "content": (ENGLISH * 12)[:2048]}]
+    for i in range(8):
+        role = "user" if i % 2 == 0 else "assistant"
+        out.append({"role": role, "content": f"{i}: " + (ANSWER * 2)[:300]})
+    return out
 
 
 def _answer(text: str) -> bytes:
@@ -216,8 +244,11 @@ def main() -> None:
         },
         "stream_4kb": _stream_costs(answer),
     }
+    history = _history()
+    off, on = _best_us(_history_case(history, 0)), _best_us(_history_case(history, 1024))
+    result["chat_history_us"] = {"verdict_cache 0": off, "verdict_cache 1024": on}
     print("guardrail cost per request (µs, in process)")
-    for section in ("input_1kb_us", "output_4kb_us"):
+    for section in ("input_1kb_us", "output_4kb_us", "chat_history_us"):
         for case, us in result[section].items():
             print(f"  {section[:-3]:12} {case:22} {us:9.1f}")
     s = result["stream_4kb"]

@@ -292,6 +292,15 @@ class InputGuardConfig(Section):
     """What a match does: ``block`` (400 ``prompt_rejected`` naming the rule id), ``sanitize``
     (the matched text and control characters are removed from what is forwarded; a match only
     visible in the normalised text blocks) or ``monitor`` (metric and log only)."""
+    verdict_cache: int = Field(default=1024, ge=0, le=65536)
+    """Prompt texts whose verdicts are kept (least recently used first out), per client: a
+    system prompt or a chat history that the same identity (or, without one, the same client
+    IP) sends again is not checked again. A verdict depends only on the text and this
+    section, so a kept one is what a new check would give; keys are per client so that how
+    fast an answer comes cannot tell one client what another sent. Texts longer than 8,192
+    characters are always checked. ``0`` turns it off. Memory: at most this many texts, per
+    distinct ``guardrails.input`` section: ~8 MB at the default if all were 8,192 ASCII
+    characters long, up to four times that in other scripts."""
 
     @field_validator("json_paths")
     @classmethod

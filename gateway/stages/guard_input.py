@@ -17,7 +17,9 @@ forwarded byte for byte.
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -29,10 +31,15 @@ from gateway.guard.packs import resolve
 from gateway.pipeline import BuildContext, Phase
 from gateway.policy.sections import InputGuardConfig
 from gateway.routes import CompiledRoute
+from gateway.telemetry import metrics
 from gateway.text import normalise, strip_control
 
 SEVERITY = ("monitor", "sanitize", "block")
 _BLOCKED = ((outcome.HEADER, b"block"),)
+CACHED_CHARS = 8192
+"""Longest prompt text whose verdict ``verdict_cache`` keeps."""
+_HIT = metrics.fast_inc(metrics.CACHE_REQUESTS.labels("prompt_verdict", "hit"))
+_MISS = metrics.fast_inc(metrics.CACHE_REQUESTS.labels("prompt_verdict", "miss"))
 
 
 def _rejected(rule: str) -> Deny:
@@ -60,10 +67,36 @@ class InputGuardStage:
         self.decode = tuple(cfg.decode)
         self.strip = cfg.strip_control and cfg.action == "sanitize"
         self.too_long = _rejected("max_chars")
+        self._missed = [False]
+        self._cached = self._verdict_cache(cfg.verdict_cache) if cfg.verdict_cache else None
 
     def verdict(self, text: str) -> Verdict | None:
         """The rules' verdict on one prompt text (what ``on_request`` decides per field)."""
         return self.rules.scan(normalise(text, self.decode))
+
+    def _verdict_cache(self, size: int) -> Callable[[str, str, str], Verdict | None]:
+        # A closure over the rules rather than a bound method: no cycle through the stage.
+        rules, decode, missed = self.rules, self.decode, self._missed
+
+        def scan(kind: str, client: str, text: str) -> Verdict | None:
+            missed[0] = True
+            return rules.scan(normalise(text, decode))
+
+        return functools.lru_cache(maxsize=size)(scan)
+
+    def client_verdict(self, ctx: RequestContext, text: str) -> Verdict | None:
+        """:meth:`verdict`, kept per client for texts sent again (``verdict_cache``)."""
+        cached = self._cached
+        if cached is None or len(text) > CACHED_CHARS:
+            return self.verdict(text)
+        ident = ctx.identity
+        self._missed[0] = False
+        if ident is not None:
+            verdict = cached("sub", ident.sub, text)
+        else:
+            verdict = cached("ip", ctx.client_ip, text)
+        (_MISS if self._missed[0] else _HIT)(1)
+        return verdict
 
     def prepare(self, ctx: RequestContext) -> None:
         """Ahead of its turn, while the rate limit waits on its store: the prompt fields and
@@ -79,7 +112,7 @@ class InputGuardStage:
         for slot in slots:
             text = strip_control(slot.text) if self.strip else slot.text
             if max_chars is None or len(text) <= max_chars:
-                found[text] = self.verdict(text)
+                found[text] = self.client_verdict(ctx, text)
         ctx.ahead[self.name] = (ctx.body, slots, doc, pairs, found)
 
     def _slots(self, ctx: RequestContext) -> tuple[list[extract.Slot], Any, list[list[str]]]:
@@ -146,7 +179,10 @@ class InputGuardStage:
             else:
                 outcome.record(ctx, "input", [("max_chars", "block")])
                 return self.too_long, None
-        verdict = found[new] if found is not None and new in found else self.verdict(new)
+        if found is not None and new in found:
+            verdict = found[new]
+        else:
+            verdict = self.client_verdict(ctx, new)
         if verdict is not None:
             if verdict.action == "sanitize":
                 new = self._sanitize(new, verdict.hits)

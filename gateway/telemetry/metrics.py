@@ -91,7 +91,8 @@ AUTH_FAILURES = Counter(
 CACHE_REQUESTS = Counter(
     "gateway_cache_requests_total",
     "Cache lookups by cache (jwt: verified tokens, jwks: key ids, over_limit: requests refused "
-    "without a store call, hits only) and result (hit, miss).",
+    "without a store call, hits only; prompt_verdict: input guardrail verdicts on prompt "
+    "texts a client sent before) and result (hit, miss).",
     ["cache", "result"],
     registry=REGISTRY,
 )

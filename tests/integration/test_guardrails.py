@@ -218,3 +218,28 @@ def test_hostile_pattern_and_large_input_finish(gw: Gateway) -> None:
     prompt = "word " * 200_000  # 1 MB of prompt through every prompt-injection rule
     resp = _post(gw, "/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}]})
     assert resp.status_code in (400, 413)
+
+
+def test_a_history_sent_again_is_answered_from_the_verdict_cache(gw: Gateway) -> None:
+    """Chat clients send the whole conversation every turn: its earlier texts are not
+    checked again, and a text blocked once is blocked again, every time counted."""
+    hit = {"cache": "prompt_verdict", "result": "hit"}
+    miss = {"cache": "prompt_verdict", "result": "miss"}
+    labels = {"action": "block", "rule": "prompt-injection/ignore-instructions", "stage": "input"}
+    system = {"role": "system", "content": "You answer questions about gardens. " * 10}
+    first = {"role": "user", "content": "Which vegetables grow well together?"}
+    hits = gw.metric("gateway_cache_requests_total", hit)
+    misses = gw.metric("gateway_cache_requests_total", miss)
+    resp = _post(gw, "/v1/chat/completions", {"model": "mock-gpt", "messages": [system, first]})
+    assert resp.status_code == 200, resp.text
+    turn = [system, first, {"role": "assistant", "content": "Tomatoes and basil."}]
+    resp = _post(gw, "/v1/chat/completions", {"model": "mock-gpt", "messages": [*turn, first]})
+    assert resp.status_code == 200, resp.text
+    assert gw.metric("gateway_cache_requests_total", hit) - hits == 3  # system, first twice
+    assert gw.metric("gateway_cache_requests_total", miss) - misses == 3
+    blocked = gw.metric("gateway_guardrail_actions_total", labels)
+    for _ in range(2):
+        attack = {"role": "user", "content": ATTACK + " (cached)"}
+        resp = _post(gw, "/v1/chat/completions", {"messages": [system, attack]})
+        _rejected(resp, "prompt-injection/ignore-instructions")
+    assert gw.metric("gateway_guardrail_actions_total", labels) == blocked + 2

@@ -18,7 +18,7 @@ Patterns longer than the hold-back may have their beginning sent, never their en
 
 from __future__ import annotations
 
-import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +27,7 @@ from gateway.guard.answer import final_events
 from gateway.guard.engine import Verdict
 from gateway.guard.markup import strip_code
 from gateway.guard.output import AnswerChecker, worst
+from gateway.llm.usage import decode_json
 from gateway.text import normalise
 
 #: Characters of already sent text re-checked with each event (longest match guaranteed).
@@ -34,6 +35,9 @@ CONTEXT = 512
 #: Longest single event accepted; a stream with no event boundary in this many bytes ends.
 MAX_EVENT = 1 << 20
 _ALWAYS = frozenset("<`\\")
+# The characters that can begin markup at all: only they are looked at one by one (in C,
+# ~1 µs for a 64-character hold-back, against ~5 µs for a Python loop over every character).
+_CANDIDATE = re.compile(r"[<`\\!\[&%]")
 
 
 def _first_trigger(tail: str, start: int) -> int:
@@ -41,7 +45,9 @@ def _first_trigger(tail: str, start: int) -> int:
     ``\\``, ``![``, an unfinished ``[...](...)``, ``&`` before ``#`` or a letter, ``%`` before
     a hex digit (a character at the very end counts when what follows could make it one)."""
     end = len(tail)
-    for i in range(start, end):
+    found = _CANDIDATE.search(tail, start)
+    while found is not None:
+        i = found.start()
         c = tail[i]
         nxt = tail[i + 1] if i + 1 < end else ""
         if c in _ALWAYS:
@@ -56,6 +62,7 @@ def _first_trigger(tail: str, start: int) -> int:
             return i
         if c == "%" and (nxt == "" or nxt in "0123456789abcdefABCDEFu"):
             return i
+        found = _CANDIDATE.search(tail, i + 1)
     return end
 
 
@@ -151,9 +158,12 @@ class SseGuard:
         return out + self._flush()
 
     def _event(self, raw: bytes) -> bytes:
-        payload = b"\n".join(
-            line[5:].lstrip(b" ") for line in raw.split(b"\n") if line.startswith(b"data:")
-        )
+        if raw.startswith(b"data:") and raw.find(b"\n") == len(raw) - 2:
+            payload = raw[5:-2].lstrip(b" ")  # the usual event: one data line
+        else:
+            payload = b"\n".join(
+                line[5:].lstrip(b" ") for line in raw.split(b"\n") if line.startswith(b"data:")
+            )
         texts, final = self._texts(payload)
         if texts is None:
             if not final:
@@ -171,7 +181,7 @@ class SseGuard:
         if payload == b"[DONE]":
             return None, True
         try:
-            obj = json.loads(payload) if payload.startswith(b"{") else None
+            obj = decode_json(payload) if payload.startswith(b"{") else None
         except ValueError:
             obj = None
         if not isinstance(obj, dict):

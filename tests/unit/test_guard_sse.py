@@ -6,9 +6,12 @@ import asyncio
 import json
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from gateway.guard.engine import Verdict
 from gateway.guard.output import AnswerChecker
-from gateway.guard.sse import SseGuard
+from gateway.guard.sse import SseGuard, _first_trigger
 from gateway.policy.sections import OutputGuardConfig
 
 HEAD = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
@@ -138,3 +141,39 @@ def test_anthropic_stream_ends_with_refusal() -> None:
         "message_stop",
     ]
     assert b'"stop_reason":"refusal"' in client and b"<ifr" not in client
+
+
+def _first_trigger_by_character(tail: str, start: int) -> int:
+    """The definition, one character at a time (what ``_first_trigger`` did before it
+    skipped to the candidate characters)."""
+    end = len(tail)
+    for i in range(start, end):
+        c, nxt = tail[i], tail[i + 1] if i + 1 < end else ""
+        if c in "<`\\" or (c == "!" and nxt in ("", "[")):
+            return i
+        if c == "[":
+            close = tail.find("]", i)
+            if close < 0 or close + 1 >= end or tail[close + 1] in "([":
+                return i
+        if c == "&" and (nxt == "" or nxt == "#" or nxt.isalpha()):
+            return i
+        if c == "%" and (nxt == "" or nxt in "0123456789abcdefABCDEFu"):
+            return i
+    return end
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.text(alphabet="ab1 <`\\![]()&#%fé\n", max_size=40), st.integers(0, 45))
+def test_first_trigger_is_its_definition(tail: str, start: int) -> None:
+    assert _first_trigger(tail, start) == _first_trigger_by_character(tail, start)
+
+
+def test_an_event_of_several_data_lines_is_read_whole() -> None:
+    guard, seen = _guard()
+    body = json.dumps({**HEAD, "choices": [{"index": 0, "delta": {"content": "<scr"}}]})
+    cut = body.index('"object"')  # between two members: the joined lines are the JSON
+    split = f"data: {body[:cut]}\ndata: {body[cut:]}\n\n".encode()
+    rest = _chunk("ipt>alert(1)</script>", "stop")
+    out = b"".join(b for _, b in _feed(guard, [split, rest, b"data: [DONE]\n\n"]))
+    assert "<script" not in _text(_events(out))
+    assert seen and seen[0].action == "replace"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import statistics
 import tempfile
@@ -93,7 +94,7 @@ def _history_case(history: list[dict[str, str]], cache: int) -> Callable[[], Any
     cfg = InputGuardConfig(rules=["prompt-injection"], max_chars=4000, verdict_cache=cache)
     stage = InputGuardStage(cfg)
     ctx = RequestContext({"query_string": b""}, "rid", ROUTE, "POST", "/", "127.0.0.1", [])
-    turn = iter(range(1 << 62))
+    turn = itertools.count()
 
     def call() -> Any:
         ask = {"role": "user", "content": f"{ENGLISH} (question {next(turn)})"}

@@ -67,7 +67,7 @@ class InputGuardStage:
         self.decode = tuple(cfg.decode)
         self.strip = cfg.strip_control and cfg.action == "sanitize"
         self.too_long = _rejected("max_chars")
-        self._missed = [False]
+        self._missed = [False]  # set by the cached check when it runs: lru_cache tells no one
         self._cached = self._verdict_cache(cfg.verdict_cache) if cfg.verdict_cache else None
 
     def verdict(self, text: str) -> Verdict | None:

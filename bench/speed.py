@@ -8,8 +8,9 @@ no policy (pass-through), with the full chain (JWT, Redis per-IP and per-tier li
 and cost budgets, input and output guardrails, metrics, tracing exported at sampling 0.1), the
 full chain with ``state.local_share: 0.1`` (an opt-in: limits decided in-process on room
 leased from Redis), and both with ``--workers 2``. Load: wrk -c32 -t2 POST of a 1 KB chat
-body; then a fixed 500 req/s open-loop run, direct vs each full chain, for the latency added.
-In the fixed-rate runs each gateway also reports its own view, from its
+body; then a fixed 500 req/s open-loop run, direct vs each full chain, for the latency added
+(interleaved over the rounds too, each figure, a percentile or the CPU, the median of its
+rounds). In the fixed-rate runs each gateway also reports its own view, from its
 ``gateway_added_latency_seconds`` histogram (p50/p99 interpolated inside the buckets): the
 time it added, without the loopback hops the client's figure also carries.
 RSS of each full-chain worker is sampled under load, and each gateway's CPU time (its serving
@@ -256,8 +257,9 @@ def measure(duration: int, rate: int, workers: bool = True, rounds: int = 1) -> 
             # Interleaved rounds, the median of each: this 2-core VM drifts between runs.
             out["throughput"] = {name: median_by_rps(runs) for name, runs in samples.items()}
             out["rounds"] = rounds
-            fixed: dict[str, Any] = {}
-            for name in ("direct", "pass-through", "full chain", "full chain, local_share"):
+            fixed_runs: dict[str, list[dict[str, Any]]] = {}
+            fixed_names = ("direct", "pass-through", "full chain", "full chain, local_share")
+            for _, name in itertools.product(range(rounds), fixed_names):
                 port, headers = targets[name]
                 url = f"http://127.0.0.1:{port}{PATH}"
                 run_wrk(url, duration_s=2, rate=rate, method="POST", body=body, headers=headers)
@@ -280,12 +282,28 @@ def measure(duration: int, rate: int, workers: bool = True, rounds: int = 1) -> 
                     # explains.
                     done = max(1, int(run.get("requests") or run["rps"] * duration))
                     run["cpu_us_per_req"] = round(1e6 * (cpu_seconds([proc.pid]) - cpu) / done)
-                fixed[name] = run
+                fixed_runs.setdefault(name, []).append(run)
+            # Interleaved like the throughput rounds; each figure is its own median.
+            fixed = {name: median_fields(runs) for name, runs in fixed_runs.items()}
             out["fixed_rate"] = {"rate": rate, **fixed}
         finally:
             for proc in reversed(procs):
                 stop_process(proc)
             sink.shutdown()
+    return out
+
+
+def median_fields(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One fixed-rate run made of several: each number the median of its values (the
+    higher middle one of an even count), anything else as the first run has it. A
+    percentile's median over rounds, not a percentile over every request: the generator
+    reports percentiles only."""
+    out = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            values = sorted(r[key] for r in runs if isinstance(r.get(key), int | float))
+            out[key] = values[len(values) // 2]
+    out["rounds"] = len(runs)
     return out
 
 
@@ -420,7 +438,8 @@ def _fixed_rate_table(f: dict[str, Any]) -> list[str]:
     lines = [
         "",
         f"At a fixed {f['rate']} req/s (open loop, `{direct.get('generator', '?')}`, 32 "
-        "connections), the same body:",
+        f"connections), the same body; each figure the median of {direct.get('rounds', 1)} "
+        "interleaved rounds:",
         "",
         "| target | p50 / p99 ms | added p50 / p99 ms | gateway's own p50 / p99 ms "
         "| gateway CPU µs/req |",

@@ -31,3 +31,25 @@ def test_delta_of_two_scrapes() -> None:
     after = {0.001: 60.0, math.inf: 120.0}
     assert _delta(after, before) == {0.001: 50.0, math.inf: 100.0}
     assert bucket_quantile(_delta(after, before), 0.5) == pytest.approx(1.0)
+
+
+def test_fixed_rate_rounds_take_each_figure_s_own_median() -> None:
+    from bench.speed import median_fields
+
+    runs = [
+        {"p50_ms": 0.9, "p99_ms": 1.0, "cpu_us_per_req": 500, "generator": "c", "ok": True},
+        {"p50_ms": 0.5, "p99_ms": 9.0, "cpu_us_per_req": 400, "generator": "c", "ok": True},
+        {"p50_ms": 0.6, "p99_ms": 2.0, "cpu_us_per_req": 450, "generator": "c", "ok": True},
+    ]
+    got = median_fields(runs)
+    assert got == {
+        "p50_ms": 0.6,
+        "p99_ms": 2.0,
+        "cpu_us_per_req": 450,
+        "generator": "c",
+        "ok": True,
+        "rounds": 3,
+    }
+    assert median_fields(runs[:1])["p99_ms"] == 1.0
+    # an even count takes the higher middle value, as the throughput rounds do
+    assert median_fields(runs[:2])["p50_ms"] == 0.9

@@ -7,9 +7,12 @@ pass ``now`` instead. Each counter is one hash ``{w, c, p}`` (window index, curr
 previous count). Its expiry is set by the first write of each window: two periods later
 for a sliding window (so it outlives the next window, which reads it as the previous one),
 one minute after the window's end for a fixed one; later writes in the same window leave it
-(one ``PEXPIRE`` a window instead of one a request). A key given twice in one batch is one
-counter (as in memory). Integer division is done with ``math.fmod`` so it stays exact in
-Lua's doubles below 2^53.
+(one ``PEXPIRE`` a window instead of one a request). Likewise a write sets ``c`` alone unless
+the window rolled or a refund reached into the previous count: ``string.format`` is a good
+part of a lone call (Redis instructions a lone request of ``bench.speed``'s four counters,
+``python -m bench.ratelimit --script --callgrind``: 278k -> 257k). A key given twice in one
+batch is one counter (as in memory). Integer division is done with ``math.fmod`` so it stays
+exact in Lua's doubles below 2^53.
 
 One call carries several *groups*, each the batch of one request, decided in order as if
 each were its own call (a group sees what the groups before it counted). A key is read once
@@ -49,7 +52,7 @@ end
 local slots = tonumber(ARGV[3])
 local groups = tonumber(ARGV[4])
 -- per key, in a record made whole at once (array part, no rehash):
--- {window, current, previous, period, elapsed, fixed, rolled, dirty, key}
+-- {window, current, previous, period, elapsed, fixed, rolled, dirty, key, previous changed}
 local state, order = {}, {}
 -- per slot, a record made whole at once: {limit, period, fixed, elapsed, key state, p, w}
 -- where w = floor(p * (period - elapsed) / period), the previous window's weight, kept
@@ -74,7 +77,7 @@ for i = 1, slots do
       c = 0
       rolled = true
     end
-    st = {win, c, p, pd, e, fx, rolled, false, name}
+    st = {win, c, p, pd, e, fx, rolled, false, name, false}
     state[name] = st
     order[#order + 1] = st
   end
@@ -134,6 +137,7 @@ for g = 1, groups do
         if cur < 0 then
           p = max(0, p + cur)
           cur = 0
+          st[10] = true
         end
         st[2], st[3], st[8] = cur, p, true
       end
@@ -195,7 +199,11 @@ for i = 1, #order do
   local st = order[i]
   if st[8] then
     local name = st[9]
-    redis.call('HSET', name, 'w', fmt('%d', st[1]), 'c', fmt('%d', st[2]), 'p', fmt('%d', st[3]))
+    if st[7] or st[10] then
+      redis.call('HSET', name, 'w', fmt('%d', st[1]), 'c', fmt('%d', st[2]), 'p', fmt('%d', st[3]))
+    else
+      redis.call('HSET', name, 'c', fmt('%d', st[2]))
+    end
     if st[7] then
       if st[6] then
         redis.call('PEXPIRE', name, st[4] - st[5] + 60000)

@@ -33,7 +33,7 @@ def test_delta_of_two_scrapes() -> None:
     assert bucket_quantile(_delta(after, before), 0.5) == pytest.approx(1.0)
 
 
-def test_fixed_rate_rounds_take_each_figure_s_own_median() -> None:
+def test_fixed_rate_rounds_take_the_median_of_each_figure() -> None:
     from bench.speed import median_fields
 
     runs = [

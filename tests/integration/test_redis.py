@@ -14,7 +14,8 @@ import redis
 
 from gateway.store.base import Counter, StoreError, Verdict
 from gateway.store.memory import MemoryStore
-from gateway.store.redis import MAX_GROUPS, RedisStore
+from gateway.store.redis import MAX_GROUPS, RedisStore, script_args
+from gateway.store.script import LIMIT_SCRIPT
 from tests.integration.test_ratelimit import ENV, chat, token
 from tests.procs import Gateway, MockLLM
 from tests.redis_procs import RedisServer, redis_server
@@ -158,6 +159,46 @@ def test_batches_sharing_a_call_all_fail_with_it() -> None:
 
     outcomes = asyncio.run(run())
     assert len(outcomes) == 5 and all(isinstance(o, StoreError) for o in outcomes), outcomes
+
+
+def test_lone_path_of_the_script_answers_as_the_batched_one(redis_server: RedisServer) -> None:
+    """A lone request with a key per counter takes the script's lean path (``one``); the same
+    requests on a copy of the keys through the batched path (with an empty second batch)
+    get the same answers, leave the same counters and expiries, and the reply has no more
+    than its counters' entries."""
+    raw = redis.Redis.from_url(redis_server.url)
+    sha = raw.script_load(LIMIT_SCRIPT)
+    rnd = random.Random("lone")
+    now, lean = T0, 0
+    try:
+        for _ in range(300):
+            now += rnd.choice([1, 7, 60, 333, 999, 2500])
+            n = rnd.randint(1, 6)
+            picked = rnd.sample(range(8), n)
+            batch = [
+                Counter(f"{{s}}:{k}", rnd.choice([1, 3, 10, 50]), [1000, 2000, 60_000][k % 3],
+                        rnd.choice([0, 1, 1, 2, 5]), k == 7)
+                for k in picked
+            ]  # fmt: skip
+            keys, argv = script_args("hit", [batch], now)
+            assert argv[0] == "one"
+            lean += 1
+            alone = raw.evalsha(sha, len(keys), *keys, *argv)
+            copy = [c._replace(key="b" + c.key) for c in batch]
+            keys, argv = script_args("hit", [copy, []], now)
+            assert argv[0] == "hit"
+            batched = raw.evalsha(sha, len(keys), *keys, *argv)
+            assert alone == batched[: 2 + 2 * n], (batch, alone, batched)
+            for c in batch:
+                assert raw.hgetall(c.key) == raw.hgetall("b" + c.key)
+                assert abs(raw.pttl(c.key) - raw.pttl("b" + c.key)) <= 50
+        assert lean == 300
+        twice = [Counter("{s}:x", 5, 1000), Counter("{s}:x", 9, 2000)]
+        assert script_args("hit", [twice], now)[1][0] == "hit"  # a key twice: the slots path
+        refund = [Counter("{s}:y", 5, 1000, -1)]
+        assert script_args("hit", [refund], now)[1][0] == "hit"
+    finally:
+        raw.close()
 
 
 def test_expiry_is_set_by_the_first_write_of_a_window(redis_server: RedisServer) -> None:

@@ -475,15 +475,19 @@ async def _pump(resp: UpstreamResponse, filters: list[BodyFilter], send: Send) -
 async def _respond_buffered(
     resp: UpstreamResponse, head: ResponseHead, filters: list[BodyFilter], send: Send
 ) -> None:
-    parts: list[bytes] = []
-    total = 0
-    async for chunk in resp.chunks():
-        total += len(chunk)
-        if total > MAX_BUFFERED_RESPONSE:
-            resp.error_kind = "too_large"
-            break
-        parts.append(chunk)
-    body = b"".join(parts)
+    if resp.complete and resp.content_length is not None and resp.content_length <= SMALL_BODY:
+        # all of it is in already (a small answer, read with its head): taken as it is
+        body = await resp.read()
+    else:
+        parts: list[bytes] = []
+        total = 0
+        async for chunk in resp.chunks():
+            total += len(chunk)
+            if total > MAX_BUFFERED_RESPONSE:
+                resp.error_kind = "too_large"
+                break
+            parts.append(chunk)
+        body = b"".join(parts)
     for f in filters:
         body = await f.on_chunk(body) + await f.on_end()
     headers = [(k, v) for k, v in head.headers if k != b"content-length"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 import socket
 import time
@@ -197,6 +198,35 @@ def test_lone_path_of_the_script_answers_as_the_batched_one(redis_server: RedisS
         assert script_args("hit", [twice], now)[1][0] == "hit"  # a key twice: the slots path
         refund = [Counter("{s}:y", 5, 1000, -1)]
         assert script_args("hit", [refund], now)[1][0] == "hit"
+    finally:
+        raw.close()
+
+
+def test_a_flushed_script_is_loaded_again(redis_server: RedisServer) -> None:
+    """After ``SCRIPT FLUSH`` (as after a restart or a failover to a replica), a lone request
+    and a shared call both answer: ``NOSCRIPT`` makes the client send the script itself."""
+    raw = redis.Redis.from_url(redis_server.url)
+
+    async def run() -> tuple[Verdict, list[Verdict]]:
+        rs = RedisStore(redis_server.url, 1.0)
+        try:
+            rs.now = T0
+            await rs.hit([Counter("flush:{a}:1", 5, 1000)])
+            raw.script_flush()
+            lone = await rs.hit([Counter("flush:{a}:1", 5, 1000), Counter("flush:{a}:2", 5, 1000)])
+            raw.script_flush()
+            shared = await asyncio.gather(
+                *(rs.hit([Counter("flush:{a}:1", 5, 1000)]) for _ in range(3))
+            )
+            return lone, list(shared)
+        finally:
+            await rs.close()
+
+    try:
+        lone, shared = asyncio.run(run())
+        assert lone.allowed and lone.remaining == [3, 4]
+        assert [v.remaining for v in shared] == [[2], [1], [0]]
+        assert raw.script_exists(hashlib.sha1(LIMIT_SCRIPT.encode()).hexdigest()) == [True]
     finally:
         raw.close()
 

@@ -13,7 +13,13 @@ from gateway import heap
 from gateway.asgi import Message, Receive, Scope, Send, send_simple
 from gateway.context import RequestContext
 from gateway.errors import BodyTooLarge, Deny, GatewayError, Headers, UpstreamError, error_response
-from gateway.headers import GATEWAY_SET, connection_tokens, is_hop_by_hop, request_id_from
+from gateway.headers import (
+    GATEWAY_SET,
+    connection_tokens,
+    has_header,
+    is_hop_by_hop,
+    request_id_from,
+)
 from gateway.headers import response_headers as clean_response_headers
 from gateway.overload import shed
 from gateway.pipeline import BodyFilter, Pipeline, ResponseHead, run_stages
@@ -388,7 +394,7 @@ def _upstream_headers(
 ) -> Headers:
     # ``drop_length``: the body goes as bytes (maybe rewritten), the client sets its length.
     strip = pipeline.strip_headers
-    named = connection_tokens(raw) if any(k == b"connection" for k, _ in raw) else frozenset()
+    named = connection_tokens(raw) if has_header(raw, b"connection") else frozenset()
     own = {k for k, _ in ctx.upstream_headers} if ctx.upstream_headers else None
     out: Headers = []
     for k, v in raw:
@@ -424,8 +430,9 @@ async def _respond(
     filters = [f for s in ctx.route.response if (f := s.on_response(ctx, head)) is not None]
     ctx.status = head.status
     clen = resp.content_length
-    if any(f.buffer for f in filters):
-        return await _respond_buffered(resp, head, filters, send)
+    for f in filters:
+        if f.buffer:
+            return await _respond_buffered(resp, head, filters, send)
     if not filters and clen is not None and clen <= SMALL_BODY:
         try:
             payload = await resp.read() if clen else b""

@@ -245,7 +245,12 @@ class RateLimitStage:
         self, ctx: RequestContext, scopes: list[Window], v: Verdict, n: int, at: int
     ) -> list[tuple[bytes, bytes]]:
         if at < 0:
-            at = 0 if n == 1 else min(range(n), key=lambda i: (v.remaining[i], -v.reset_ms[i]))
+            # the counter with the least room left; of those, the one that resets last
+            at = 0
+            left, reset = v.remaining, v.reset_ms
+            for i in range(1, n):
+                if left[i] < left[at] or (left[i] == left[at] and reset[i] > reset[at]):
+                    at = i
         w = scopes[at]
         tier = ctx.identity.tier if ctx.identity is not None else None
         return [

@@ -20,6 +20,7 @@ from gateway.stages.ratelimit import (
     key_part,
 )
 from gateway.stages.usage import ANSWERED, UsageStage, build_usage_stages
+from gateway.store.base import Verdict
 from gateway.store.memory import process_store
 
 _RUN = itertools.count()
@@ -276,3 +277,26 @@ def test_key_parts_are_plain_or_hashed() -> None:
     odd = key_part("x}:{y")
     assert odd.startswith("#") and len(odd) == 33 and odd == key_part("x}:{y")
     assert key_part("a" * 65) != key_part("a" * 66)
+
+
+def test_headers_report_the_counter_with_least_room_then_the_latest_reset() -> None:
+    """Of a request's counters, the headers show the one with the least room left; between
+    equals, the one that resets last; between those, the first."""
+    p = pipeline("{per_ip: '10/second;10/minute;100/hour'}")
+    c = ctx(p)
+    stage = limit_stage(c)
+    scopes = list(stage.ip)
+    assert [w.period_ms for w in scopes] == [1000, 60_000, 3_600_000]
+
+    def chosen(remaining: list[int], reset: list[int]) -> tuple[bytes, bytes, bytes]:
+        verdict = Verdict(True, -1, remaining, reset)
+        h = dict(stage._headers(c, scopes, verdict, 3, -1))
+        return h[b"ratelimit-limit"], h[b"ratelimit-remaining"], h[b"ratelimit-reset"]
+
+    assert chosen([5, 3, 7], [1000, 2000, 3000]) == (b"10", b"3", b"2")  # least room
+    assert chosen([5, 7, 3], [1000, 2000, 3000]) == (b"100", b"3", b"3")
+    assert chosen([3, 3, 9], [1000, 60_000, 9]) == (b"10", b"3", b"60")  # tie: resets later
+    assert chosen([3, 3, 3], [500, 500, 3_000_000]) == (b"100", b"3", b"3000")
+    assert chosen([3, 3, 3], [500, 1500, 1500]) == (b"10", b"3", b"2")  # then the first
+    one = dict(stage._headers(c, scopes[:1], Verdict(True, -1, [4], [900]), 1, -1))
+    assert one[b"ratelimit-limit"] == b"10" and one[b"ratelimit-remaining"] == b"4"

@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 
 from opentelemetry.trace import SpanKind
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from gateway import heap
 from gateway.asgi import Message, Receive, Scope, Send, send_simple
@@ -23,6 +24,7 @@ from gateway.headers import (
 from gateway.headers import response_headers as clean_response_headers
 from gateway.overload import shed
 from gateway.pipeline import BodyFilter, Pipeline, ResponseHead, run_stages
+from gateway.response_head import write_head
 from gateway.telemetry import metrics
 from gateway.telemetry.spans import LeanSpan
 from gateway.telemetry.tracing import Tracing, light_context, traceparent
@@ -135,6 +137,20 @@ def _tid(ctx: RequestContext | None) -> str | None:
 
 
 def _tracking(send: Send, state: _State) -> Send:
+    cycle = getattr(send, "__self__", None)
+    if type(cycle) is RequestResponseCycle:
+        # uvicorn's own cycle: a plain head is written in bulk (gateway.response_head)
+        assert cycle is not None
+
+        async def lean(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                state.started = True
+                if write_head(cycle, message):
+                    return
+            await send(message)
+
+        return lean
+
     async def tracked(message: Message) -> None:
         if message["type"] == "http.response.start":
             state.started = True

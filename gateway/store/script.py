@@ -21,10 +21,10 @@ turn share their ip, user and route keys, and Redis' Lua interpreter, not the co
 what each call costs (``python -m bench.ratelimit --script``). So the script keeps a key's
 state in one record made whole at once, and each slot's (below) in another, rather than a
 table per field that grows a key at a time; it calls no helper function on the common path
-(the sliding weight is written out in each place that needs it; ``reset_at`` runs only near
-a limit); and it writes counts with ``%d`` rather than Lua's ``%.14g`` (a float formatter):
-17% fewer instructions for a lone request than the table-per-field version (callgrind,
-``--script --callgrind``).
+(a key's read and roll, and the sliding weight, are written out in each path that needs
+them; ``reset_at`` runs only near a limit); and it writes counts with ``%d`` rather than
+Lua's ``%.14g`` (a float formatter): 17% fewer instructions for a lone request than the
+table-per-field version (callgrind, ``--script --callgrind``).
 
 ``KEYS``: one per *slot*, a counter (key and window) the call holds, each sent once however
 many groups count in it. ``ARGV``: ``mode`` (``hit`` or ``add``), ``now`` in ms (empty:

@@ -320,6 +320,16 @@ def workers_bound(gateway_us: float, others_us: float) -> float:
     return 2 * gateway_us / (gateway_us + others_us)
 
 
+def throughput_window(pass_us: float, others_us: float) -> tuple[float, float]:
+    """The one-worker gateway CPU a request ``G`` that both throughput checks allow at once,
+    as ``(low, high)``; ``low > high`` when no gateway can pass both on these cores.
+
+    The first check (≥ 60% of pass-through, ``P`` its CPU a request) needs ``G ≤ P / 0.6``;
+    the workers check can only pass when its bound (:func:`workers_bound`) reaches 1.6,
+    ``2G / (G + O) ≥ 1.6``, that is ``G ≥ 4·O``."""
+    return 4 * others_us, pass_us / 0.6
+
+
 def admin_port(workdir: Path) -> int:
     """The admin port :func:`bench.proxy.start_gateway` wrote into ``workdir``'s policy."""
     text = (workdir / "policy.yaml").read_text()
@@ -429,7 +439,33 @@ def summarise(res: dict[str, Any]) -> list[str]:
     lines.append(
         f"| RSS per worker under load | ≤ 120 MB | {rss} MB {_ok(rss <= 120)}{extra} | (all) |"
     )
-    return lines
+    return lines + _window_lines(t)
+
+
+def _window_lines(t: dict[str, Any]) -> list[str]:
+    """Whether any gateway could pass both throughput checks in this run (see
+    :func:`throughput_window`), and the least the bench's own processes leave for the rest."""
+    bare, full = t.get("pass-through", {}), t.get("full chain", {})
+    p, o = bare.get("cpu_us_per_req"), full.get("others_cpu_us_per_req")
+    if not p or o is None:
+        return []
+    low, high = throughput_window(p, o)
+    # wrk and the upstream nginx cost a request least at the pass-through's rate, the
+    # fastest any gateway here runs: what they cost there is in every gateway's O
+    own = sum(bare.get("others_cpu_parts_us_per_req", {}).get(k, 0) for k in ("wrk", "upstream"))
+    verdict = (
+        "no gateway passes both"
+        if low > high
+        else f"a gateway with G in [{low:.0f}, {high:.0f}] µs could"
+    )
+    return [
+        "",
+        f"Both throughput checks at once (one worker's G, O): the first needs G ≤ P / 0.6 = "
+        f"{high:.0f} µs, the workers bound 1.6x needs G ≥ 4·O = {low:.0f} µs: {verdict}. "
+        f"wrk and the upstream nginx alone cost {own} µs a request at the pass-through's rate "
+        f"(their least here), so the window stays empty while Redis and the span export "
+        f"together cost more than P / 2.4 - {own} = {p / 2.4 - own:.1f} µs a request.",
+    ]
 
 
 def _fixed_rate_table(f: dict[str, Any]) -> list[str]:

@@ -34,10 +34,10 @@ def unit() -> None:
     json.dumps(doc)
 
 
-def measure(repeat: int) -> dict[float, float]:
+def measure(repeat: int, gaps: tuple[float, ...] = GAPS_MS) -> dict[float, float]:
     """Median µs of one :func:`unit` after each gap (ms), over ``repeat`` units."""
     out: dict[float, float] = {}
-    for gap in GAPS_MS:
+    for gap in gaps:
         times = []
         for _ in range(repeat):
             if gap:

@@ -18,7 +18,10 @@ processes, ``/proc``) per request served: the throughput ratios without the nois
 of the two cores the other processes left it. Beside it, the CPU a request of everything else
 on the same cores (the span-export processes, Redis, the upstream nginx, wrk): with G and O
 the one-worker figures, two workers on two cores give at most 2G / (G + O) of one worker's
-throughput, printed with the workers check. Results: stdout, ``bench/results/speed.json``;
+throughput, printed with the workers check; under the checks, whether any gateway could pass
+both throughput checks on these cores (:func:`throughput_window`). Around the fixed-rate runs
+the :mod:`bench.machine` probe records how slowly this machine runs a process that has just
+slept (those figures move with it). Results: stdout, ``bench/results/speed.json``;
 ``--write-readme`` fills the README's speed section.
 
 Targets (issue: speed): full chain ≥ 60% of pass-through and ≥ 6% of nginx; added p50 ≤ 0.5 ms
@@ -34,6 +37,7 @@ import contextlib
 import datetime
 import itertools
 import json
+import math
 import os
 import platform
 import resource
@@ -47,6 +51,7 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from bench import machine
 from bench._util import (
     cpu_seconds,
     free_port,
@@ -258,6 +263,9 @@ def measure(duration: int, rate: int, workers: bool = True, rounds: int = 1) -> 
             out["throughput"] = {name: median_by_rps(runs) for name, runs in samples.items()}
             out["rounds"] = rounds
             fixed_runs: dict[str, list[dict[str, Any]]] = {}
+            # The fixed-rate figures follow how slowly this machine runs a process that has
+            # just slept, which drifts between runs: measured on both sides of them.
+            wake = [wake_probe()]
             fixed_names = ("direct", "pass-through", "full chain", "full chain, local_share")
             for _, name in itertools.product(range(rounds), fixed_names):
                 port, headers = targets[name]
@@ -286,6 +294,7 @@ def measure(duration: int, rate: int, workers: bool = True, rounds: int = 1) -> 
             # Interleaved like the throughput rounds; each figure is its own median.
             fixed = {name: median_fields(runs) for name, runs in fixed_runs.items()}
             out["fixed_rate"] = {"rate": rate, **fixed}
+            out["machine_wake"] = [*wake, wake_probe()]
         finally:
             for proc in reversed(procs):
                 stop_process(proc)
@@ -318,6 +327,14 @@ def workers_bound(gateway_us: float, others_us: float) -> float:
     one worker is held to one core, ``1 / G`` requests a second while the others fit on the
     second core; two fill both, ``2 / (G + O)``; their ratio is ``2G / (G + O)``."""
     return 2 * gateway_us / (gateway_us + others_us)
+
+
+def wake_probe() -> dict[str, float]:
+    """This machine's state as :mod:`bench.machine` measures it: µs of a unit of plain Python
+    work back to back, and how many times that it takes right after a 2 ms sleep (the gap
+    between requests at 500 req/s)."""
+    res = machine.measure(300, (0.0, 2.0))
+    return {"warm_us": round(res[0.0], 1), "after_2ms": round(res[2.0] / res[0.0], 2)}
 
 
 def throughput_window(pass_us: float, others_us: float) -> tuple[float, float]:
@@ -402,6 +419,16 @@ def summarise(res: dict[str, Any]) -> list[str]:
     ]
     f = res["fixed_rate"]
     lines += _fixed_rate_table(f)
+    wake = res.get("machine_wake")
+    if wake:
+        lines += [
+            "",
+            "This machine before and after the fixed-rate runs (`python -m bench.machine`): "
+            + " and ".join(f"{w['warm_us']:.0f}" for w in wake)
+            + " µs of plain Python work back to back, "
+            + " and ".join(f"{w['after_2ms']:.2f}x" for w in wake)
+            + " that right after a 2 ms sleep.",
+        ]
     lines += ["", "| check | target | full chain | with `local_share` |", "|---|---|---|---|"]
     rss = res["full_chain_rss_mb"]
     cells: dict[str, list[str]] = {}
@@ -413,23 +440,25 @@ def summarise(res: dict[str, Any]) -> list[str]:
         vs_nginx = rps[name] / rps["nginx"]
         two = rps.get(name + ", 2 workers", 0.0) / rps[name]
         cells.setdefault("full chain / pass-through", []).append(
-            f"{100 * vs_bare:.0f}% {_ok(vs_bare >= 0.6)}"
+            f"{_shown(100 * vs_bare, 0, floor=True)}% {_ok(vs_bare >= 0.6)}"
         )
         cells.setdefault("full chain / nginx", []).append(
-            f"{100 * vs_nginx:.1f}% {_ok(vs_nginx >= 0.06)}"
+            f"{_shown(100 * vs_nginx, 1, floor=True)}% {_ok(vs_nginx >= 0.06)}"
         )
         cells.setdefault(f"added at {f['rate']} req/s, p50", []).append(
-            f"+{add50:.2f} ms {_ok(add50 <= 0.5)}"
+            f"+{_shown(add50, 2, floor=False)} ms {_ok(add50 <= 0.5)}"
         )
         cells.setdefault(f"added at {f['rate']} req/s, p99", []).append(
-            f"+{add99:.2f} ms {_ok(add99 <= 2.0)}"
+            f"+{_shown(add99, 2, floor=False)} ms {_ok(add99 <= 2.0)}"
         )
         bound = ""
         g, o = t[name].get("cpu_us_per_req"), t[name].get("others_cpu_us_per_req")
         if g and o is not None:
             bound = f" (2G / (G + O) of one worker's run: {workers_bound(g, o):.2f}x)"
         cells.setdefault("--workers 2 / 1 worker", []).append(
-            f"{two:.2f}x {_ok(two >= 1.6)}{bound}" if two else "not measured (--no-workers)"
+            f"{_shown(two, 2, floor=True)}x {_ok(two >= 1.6)}{bound}"
+            if two
+            else "not measured (--no-workers)"
         )
     targets = ["≥ 60%", "≥ 6%", "≤ 0.5 ms", "≤ 2 ms", "≥ 1.6x"]
     for (check, values), target in zip(cells.items(), targets, strict=True):
@@ -493,6 +522,17 @@ def _fixed_rate_table(f: dict[str, Any]) -> list[str]:
             added = f"+{add50:.2f} / +{add99:.2f} | {own} | {r.get('cpu_us_per_req', '—')}"
         lines.append(f"| {name} | {r['p50_ms']:.2f} / {r['p99_ms']:.2f} | {added} |")
     return lines
+
+
+def _shown(value: float, digits: int, floor: bool) -> str:
+    """``value`` with ``digits`` decimals, rounded away from the target's side (down for an
+    "at least" check, up for an "at most" one) so that the figure shown never contradicts
+    its mark: 1.5996x shows 1.59x beside ❌, not 1.60x."""
+    scale = 10**digits
+    # the small margin keeps a float just under an exact decimal from changing it
+    scaled = value * scale
+    edge = math.floor(scaled + 1e-9) if floor else math.ceil(scaled - 1e-9)
+    return f"{edge / scale:.{digits}f}"
 
 
 def _ok(passed: bool) -> str:

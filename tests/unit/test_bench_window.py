@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from bench.speed import _window_lines, throughput_window, workers_bound
+from bench.speed import (
+    RESULTS,
+    _shown,
+    _window_lines,
+    summarise,
+    throughput_window,
+    wake_probe,
+    workers_bound,
+)
 
 
 def test_the_window_edges_are_where_each_check_is_just_met() -> None:
@@ -36,3 +46,36 @@ def test_an_open_window_gives_its_interval() -> None:
 
 def test_no_window_without_the_cpu_figures() -> None:
     assert _window_lines({"pass-through": {}, "full chain": {}}) == []
+
+
+@pytest.mark.parametrize(
+    ("value", "digits", "floor", "shown"),
+    [
+        (1.5996, 2, True, "1.59"),  # just under an "at least 1.6" target: not shown as 1.60
+        (1.6, 2, True, "1.60"),
+        (0.501, 2, False, "0.51"),  # just over an "at most 0.5" target: not shown as 0.50
+        (0.5, 2, False, "0.50"),
+        (0.47, 2, False, "0.47"),  # a float just over 0.47 stays 0.47
+        (59.7, 0, True, "59"),
+        (10.1, 1, True, "10.1"),
+    ],
+)
+def test_a_figure_never_contradicts_its_mark(
+    value: float, digits: int, floor: bool, shown: str
+) -> None:
+    assert _shown(value, digits, floor) == shown
+
+
+def test_the_summary_reports_the_machine_on_both_sides_of_the_fixed_rate_runs() -> None:
+    res = json.loads(RESULTS.read_text())
+    res["machine_wake"] = [
+        {"warm_us": 46.0, "after_2ms": 1.63},
+        {"warm_us": 47.2, "after_2ms": 1.7},
+    ]
+    (line,) = [x for x in summarise(res) if x.startswith("This machine")]
+    assert "46 and 47 µs" in line and "1.63x and 1.70x" in line
+
+
+def test_the_wake_probe_measures_the_machine() -> None:
+    probe = wake_probe()
+    assert probe["warm_us"] > 0 and probe["after_2ms"] > 0

@@ -323,7 +323,14 @@ class SharedState:
         for c in counters:
             k = (c.key, c.period_ms, c.fixed)
             prev = backlog.get(k)
-            backlog[k] = c if prev is None else prev._replace(amount=prev.amount + c.amount)
+            # the constructor, not _replace (~2x its cost): this runs for each correction
+            backlog[k] = (
+                c
+                if prev is None
+                else Counter(
+                    prev.key, prev.limit, prev.period_ms, prev.amount + c.amount, prev.fixed
+                )
+            )
 
     async def drain(self) -> None:
         """Wait for settlements still on their way (tests, shutdown), and write once more

@@ -265,6 +265,7 @@ def measure(duration: int, rate: int, workers: bool = True, rounds: int = 1) -> 
             fixed_runs: dict[str, list[dict[str, Any]]] = {}
             # The fixed-rate figures follow how slowly this machine runs a process that has
             # just slept, which drifts between runs: measured on both sides of them.
+            time.sleep(2)  # the throughput runs' last work (export, Redis) done first
             wake = [wake_probe()]
             fixed_names = ("direct", "pass-through", "full chain", "full chain, local_share")
             for _, name in itertools.product(range(rounds), fixed_names):

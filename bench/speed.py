@@ -3,14 +3,14 @@
     python -m bench.speed [--duration 10] [--rate 500] [--write-readme]
 
 Starts everything itself: nginx answering a chat completion (the mock upstream), nginx as a
-reverse proxy in front of it, ``redis-server``, an OTLP sink, and the gateway five times: with
+reverse proxy in front of it, ``redis-server``, an OTLP sink, and the gateway six times: with
 no policy (pass-through), with the full chain (JWT, Redis per-IP and per-tier limits and token
 and cost budgets, input and output guardrails, metrics, tracing exported at sampling 0.1), the
 full chain with ``state.local_share: 0.1`` (an opt-in: limits decided in-process on room
-leased from Redis), and both with ``--workers 2``. Load: wrk -c32 -t2 POST of a 1 KB chat
-body; then a fixed 500 req/s open-loop run, direct vs each full chain, for the latency added
-(interleaved over the rounds too, each figure, a percentile or the CPU, the median of its
-rounds). In the fixed-rate runs each gateway also reports its own view, from its
+leased from Redis), these two and the pass-through with ``--workers 2``. Load: wrk -c32 -t2
+POST of a 1 KB chat body; then a fixed 500 req/s open-loop run, direct vs each full chain,
+for the latency added (interleaved over the rounds too, each figure, a percentile or the CPU,
+the median of its rounds). In the fixed-rate runs each gateway also reports its own view, from its
 ``gateway_added_latency_seconds`` histogram (p50/p99 interpolated inside the buckets): the
 time it added, without the loopback hops the client's figure also carries.
 RSS of each full-chain worker is sampled under load, and each gateway's CPU time (its serving
@@ -193,6 +193,16 @@ def measure(duration: int, rate: int, workers: bool = True, rounds: int = 1) -> 
                 "nginx": (ngx_port, None),
                 "pass-through": (bare_port, None),
             }
+            if workers:
+                # what two workers give a gateway with no policy at all on these cores: the
+                # workers check's yardstick (see throughput_window)
+                (work / "bare2").mkdir()
+                bare2, bare2_port = start_gateway(
+                    up_port, work / "bare2", extra_args=["--workers", "2"]
+                )
+                procs.append(bare2)
+                gateways["pass-through, 2 workers"] = bare2
+                targets["pass-through, 2 workers"] = (bare2_port, None)
             for i, (name, text, n) in enumerate(chains):
                 (work / f"chain{i}").mkdir()
                 extra = ["--workers", str(n)] if n > 1 else None
@@ -250,7 +260,7 @@ def measure(duration: int, rate: int, workers: bool = True, rounds: int = 1) -> 
                     k: round(1e6 * v / done) for k, v in part_cpu.items()
                 }
                 samples[name].append(run)
-                if proc is bare:
+                if name.startswith("pass-through"):
                     continue
                 rss = max(peak.peak for peak in peaks)
                 out["full_chain_rss_mb"] = max(out.get("full_chain_rss_mb", 0), round(rss, 1))
@@ -494,8 +504,20 @@ def _window_lines(t: dict[str, Any]) -> list[str]:
         f"{high:.0f} µs, the workers bound 1.6x needs G ≥ 4·O = {low:.0f} µs: {verdict}. "
         f"wrk and the upstream nginx alone cost {own} µs a request at the pass-through's rate "
         f"(their least here), so the window stays empty while Redis and the span export "
-        f"together cost more than P / 2.4 - {own} = {p / 2.4 - own:.1f} µs a request.",
+        f"together cost more than P / 2.4 - {own} = {p / 2.4 - own:.1f} µs a request."
+        + _bare_workers(t),
     ]
+
+
+def _bare_workers(t: dict[str, Any]) -> str:
+    """What two workers gave the pass-through itself, with its bound, when it was run."""
+    two, bare = t.get("pass-through, 2 workers"), t.get("pass-through", {})
+    if not two or not bare.get("rps"):
+        return ""
+    ratio = two["rps"] / bare["rps"]
+    g, o = bare.get("cpu_us_per_req"), bare.get("others_cpu_us_per_req")
+    bound = f" (its 2G / (G + O): {workers_bound(g, o):.2f}x)" if g and o is not None else ""
+    return f" Two workers give the pass-through itself {_shown(ratio, 2, floor=True)}x{bound}."
 
 
 def _fixed_rate_table(f: dict[str, Any]) -> list[str]:

@@ -79,3 +79,20 @@ def test_the_summary_reports_the_machine_on_both_sides_of_the_fixed_rate_runs() 
 def test_the_wake_probe_measures_the_machine() -> None:
     probe = wake_probe()
     assert probe["warm_us"] > 0 and probe["after_2ms"] > 0
+
+
+def test_the_pass_through_with_two_workers_is_reported_beside_the_window() -> None:
+    run = _run(73, 54)
+    bare = run["pass-through"]
+    assert isinstance(bare, dict)
+    bare.update(rps=13000.0, others_cpu_us_per_req=26)
+    run["pass-through, 2 workers"] = {"rps": 15000.0}
+    (line,) = [x for x in _window_lines(run) if x]
+    assert line.endswith(
+        "Two workers give the pass-through itself 1.15x (its 2G / (G + O): 1.47x)."
+    )
+
+
+def test_no_pass_through_workers_sentence_without_its_run() -> None:
+    (line,) = [x for x in _window_lines(_run(73, 54)) if x]
+    assert "Two workers" not in line

@@ -37,7 +37,6 @@ import contextlib
 import datetime
 import itertools
 import json
-import math
 import os
 import platform
 import resource
@@ -451,23 +450,23 @@ def summarise(res: dict[str, Any]) -> list[str]:
         vs_nginx = rps[name] / rps["nginx"]
         two = rps.get(name + ", 2 workers", 0.0) / rps[name]
         cells.setdefault("full chain / pass-through", []).append(
-            f"{_shown(100 * vs_bare, 0, floor=True)}% {_ok(vs_bare >= 0.6)}"
+            f"{_shown(100 * vs_bare, 0, 60, at_least=True)}% {_ok(vs_bare >= 0.6)}"
         )
         cells.setdefault("full chain / nginx", []).append(
-            f"{_shown(100 * vs_nginx, 1, floor=True)}% {_ok(vs_nginx >= 0.06)}"
+            f"{_shown(100 * vs_nginx, 1, 6, at_least=True)}% {_ok(vs_nginx >= 0.06)}"
         )
         cells.setdefault(f"added at {f['rate']} req/s, p50", []).append(
-            f"+{_shown(add50, 2, floor=False)} ms {_ok(add50 <= 0.5)}"
+            f"+{_shown(add50, 2, 0.5, at_least=False)} ms {_ok(add50 <= 0.5)}"
         )
         cells.setdefault(f"added at {f['rate']} req/s, p99", []).append(
-            f"+{_shown(add99, 2, floor=False)} ms {_ok(add99 <= 2.0)}"
+            f"+{_shown(add99, 2, 2.0, at_least=False)} ms {_ok(add99 <= 2.0)}"
         )
         bound = ""
         g, o = t[name].get("cpu_us_per_req"), t[name].get("others_cpu_us_per_req")
         if g and o is not None:
             bound = f" (2G / (G + O) of one worker's run: {workers_bound(g, o):.2f}x)"
         cells.setdefault("--workers 2 / 1 worker", []).append(
-            f"{_shown(two, 2, floor=True)}x {_ok(two >= 1.6)}{bound}"
+            f"{_shown(two, 2, 1.6, at_least=True)}x {_ok(two >= 1.6)}{bound}"
             if two
             else "not measured (--no-workers)"
         )
@@ -517,7 +516,7 @@ def _bare_workers(t: dict[str, Any]) -> str:
     ratio = two["rps"] / bare["rps"]
     g, o = bare.get("cpu_us_per_req"), bare.get("others_cpu_us_per_req")
     bound = f" (its 2G / (G + O): {workers_bound(g, o):.2f}x)" if g and o is not None else ""
-    return f" Two workers give the pass-through itself {_shown(ratio, 2, floor=True)}x{bound}."
+    return f" Two workers give the pass-through itself {ratio:.2f}x{bound}."
 
 
 def _fixed_rate_table(f: dict[str, Any]) -> list[str]:
@@ -547,15 +546,17 @@ def _fixed_rate_table(f: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _shown(value: float, digits: int, floor: bool) -> str:
-    """``value`` with ``digits`` decimals, rounded away from the target's side (down for an
-    "at least" check, up for an "at most" one) so that the figure shown never contradicts
-    its mark: 1.5996x shows 1.59x beside ❌, not 1.60x."""
-    scale = 10**digits
-    # the small margin keeps a float just under an exact decimal from changing it
-    scaled = value * scale
-    edge = math.floor(scaled + 1e-9) if floor else math.ceil(scaled - 1e-9)
-    return f"{edge / scale:.{digits}f}"
+def _shown(value: float, digits: int, target: float, at_least: bool) -> str:
+    """``value`` with ``digits`` decimals, or as many more (up to four) as it takes for the
+    figure shown not to contradict its check against ``target``: 1.5996x beside ❌ shows as
+    1.5996x, not 1.60x; anywhere else it reads as in the other tables."""
+    passed = value >= target if at_least else value <= target
+    for more in range(5):
+        text = f"{value:.{digits + more}f}"
+        shown = float(text)
+        if (shown >= target if at_least else shown <= target) == passed:
+            break
+    return text
 
 
 def _ok(passed: bool) -> str:

@@ -49,21 +49,22 @@ def test_no_window_without_the_cpu_figures() -> None:
 
 
 @pytest.mark.parametrize(
-    ("value", "digits", "floor", "shown"),
+    ("value", "digits", "target", "at_least", "shown"),
     [
-        (1.5996, 2, True, "1.59"),  # just under an "at least 1.6" target: not shown as 1.60
-        (1.6, 2, True, "1.60"),
-        (0.501, 2, False, "0.51"),  # just over an "at most 0.5" target: not shown as 0.50
-        (0.5, 2, False, "0.50"),
-        (0.47, 2, False, "0.47"),  # a float just over 0.47 stays 0.47
-        (59.7, 0, True, "59"),
-        (10.1, 1, True, "10.1"),
+        (1.5996, 2, 1.6, True, "1.5996"),  # under an "at least 1.6": not shown as 1.60
+        (1.6, 2, 1.6, True, "1.60"),
+        (1.4021, 2, 1.6, True, "1.40"),  # far from the target: as the other tables
+        (0.501, 2, 0.5, False, "0.501"),  # over an "at most 0.5": not shown as 0.50
+        (0.4996, 2, 0.5, False, "0.50"),  # under it: 0.50 agrees with its ✅
+        (0.533, 2, 0.5, False, "0.53"),
+        (59.7, 0, 60, True, "59.7"),
+        (10.1, 1, 6, True, "10.1"),
     ],
 )
 def test_a_figure_never_contradicts_its_mark(
-    value: float, digits: int, floor: bool, shown: str
+    value: float, digits: int, target: float, at_least: bool, shown: str
 ) -> None:
-    assert _shown(value, digits, floor) == shown
+    assert _shown(value, digits, target, at_least) == shown
 
 
 def test_the_summary_reports_the_machine_on_both_sides_of_the_fixed_rate_runs() -> None:

@@ -10,9 +10,9 @@ full chain with ``state.local_share: 0.1`` (an opt-in: limits decided in-process
 leased from Redis), these two and the pass-through with ``--workers 2``. Load: wrk -c32 -t2
 POST of a 1 KB chat body; then a fixed 500 req/s open-loop run, direct vs each full chain,
 for the latency added (interleaved over the rounds too, each figure, a percentile or the CPU,
-the median of its rounds). In the fixed-rate runs each gateway also reports its own view, from its
-``gateway_added_latency_seconds`` histogram (p50/p99 interpolated inside the buckets): the
-time it added, without the loopback hops the client's figure also carries.
+the median of its rounds). In the fixed-rate runs each gateway also reports its own view,
+from its ``gateway_added_latency_seconds`` histogram (p50/p99 interpolated inside the
+buckets): the time it added, without the loopback hops the client's figure also carries.
 RSS of each full-chain worker is sampled under load, and each gateway's CPU time (its serving
 processes, ``/proc``) per request served: the throughput ratios without the noise of how much
 of the two cores the other processes left it. Beside it, the CPU a request of everything else
